@@ -1,0 +1,33 @@
+#!/usr/bin/env bash
+# Create the project environment in .venv (when missing or incomplete), then run "$@" inside it.
+#   bash launch/venv.sh pytest
+#   bash launch/venv.sh dinat-smoke
+# Environment knobs (all optional):
+#   TORCH_SPEC        pip spec for torch + torchvision (default: the pair this project is tested with)
+#   NATTEN_SPEC       pip spec or wheel path/URL for NATTEN (default natten==0.21.7, built from source)
+#   NATTEN_CUDA_ARCH  GPU archs to compile NATTEN's kernels for, e.g. "9.0" (H100) or "8.0;9.0";
+#                     without it a GPU machine builds for the detected GPU only, a CPU machine builds
+#                     no kernels (seconds). NATTEN_N_WORKERS sets the build's parallel jobs.
+#   PYTHON            interpreter used to create the venv (default python3)
+set -euo pipefail
+root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+venv="$root/.venv"
+stamp="$venv/.dinat-installed"
+want="$(cat "$root/pyproject.toml" "$root/launch/venv.sh" | sha256sum | cut -c1-16)"
+
+if [[ ! -f "$stamp" || "$(cat "$stamp")" != "$want" ]]; then
+  echo "[venv.sh] setting up $venv" >&2
+  [[ -x "$venv/bin/python" ]] || "${PYTHON:-python3}" -m venv "$venv"
+  pip=("$venv/bin/python" -m pip --disable-pip-version-check)
+  "${pip[@]}" install -q --upgrade pip setuptools wheel
+  # PyPI's torch is the CUDA build; it also runs on CPU-only machines (there is no CPU torchvision there).
+  "${pip[@]}" install -q ${TORCH_SPEC:-torch==2.14.1 torchvision==0.29.1}
+  # NATTEN imports torch in its setup.py: build against the torch above, without build isolation.
+  "${pip[@]}" install -q --no-build-isolation ${NATTEN_SPEC:-natten==0.21.7}
+  "${pip[@]}" install -q --no-build-isolation -e "$root[dev]"
+  echo "$want" > "$stamp"
+fi
+
+export PATH="$venv/bin:$PATH" VIRTUAL_ENV="$venv"
+cd "$root"
+exec "$@"
