@@ -2,6 +2,7 @@ import pytest
 import torch
 
 import dinat
+from dinat.memory import PeakTensorMemory
 from dinat.modeling import DinatBackbone, DinatModel
 
 # Published parameter counts (FACTS.md; DiNAT.md of SHI-Labs/Neighborhood-Attention-Transformer), 1k head.
@@ -56,18 +57,10 @@ def _loss_and_grads(model, x, y, seed):
     return loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters()}
 
 
-def saved_activation_bytes(model, x, y):
-    """Bytes autograd keeps for backward during one forward (activation memory)."""
-    total = 0
-
-    def pack(t):
-        nonlocal total
-        total += t.numel() * t.element_size()
-        return t
-
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+def peak_step_memory(model, x, y):
+    with PeakTensorMemory() as mem:
         model(x, labels=y).loss.backward()
-    return total
+    return mem.peak_bytes
 
 
 @pytest.mark.parametrize("mode", ["all", 2])
@@ -82,7 +75,7 @@ def test_activation_checkpointing_is_exact_and_saves_memory(mode):
     assert torch.equal(loss_a, loss_b)
     for n in grads_a:
         torch.testing.assert_close(grads_a[n], grads_b[n], rtol=0, atol=1e-7, msg=n)
-    full, saved = saved_activation_bytes(base, x, y), saved_activation_bytes(ckpt, x, y)
+    full, saved = peak_step_memory(base, x, y), peak_step_memory(ckpt, x, y)
     assert saved < (0.5 if mode == "all" else 0.8) * full, (saved, full)
 
 
