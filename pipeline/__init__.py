@@ -1,0 +1,1 @@
+"""Training pipeline around the ``dinat`` model package: data, training, checkpoints, export."""
