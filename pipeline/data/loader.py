@@ -71,7 +71,9 @@ def list_shards(urls: str | Sequence[str], manifest: str | Path | None = None, s
 def decode_sample(sample: dict[str, Any]) -> tuple[Image.Image, int]:
     """A shard sample -> (RGB image, class index). Raises on anything unusable."""
     image = Image.open(io.BytesIO(sample["jpg"]))
-    image = image.convert("RGB")  # decodes fully, so truncated data raises here
+    image.load()  # decodes fully, so truncated data raises here
+    if image.mode != "RGB":  # convert() copies even when the mode is already RGB (~20% of decode time)
+        image = image.convert("RGB")
     return image, int(sample["cls"])
 
 
