@@ -111,9 +111,9 @@ def run(args) -> dict:
         sizes = [Image.open(io.BytesIO(b)).size for b in data]
         out["images"] = dict(
             count=n,
-            mean_kb=round(np.mean([len(b) for b in data]) / 1e3, 1),
-            mean_w=round(np.mean([s[0] for s in sizes])),
-            mean_h=round(np.mean([s[1] for s in sizes])),
+            mean_kb=round(float(np.mean([len(b) for b in data])) / 1e3, 1),
+            mean_w=round(float(np.mean([s[0] for s in sizes]))),
+            mean_h=round(float(np.mean([s[1] for s in sizes]))),
         )
         out["decode_only"] = rate(lambda: [decode_sample({"jpg": b, "cls": b"0"}) for b in data], n)
         out["decode_half_scale_only"] = rate(lambda: [decode_half(b) for b in data], n)
