@@ -1,0 +1,91 @@
+"""The only place that reads the launcher's environment (RANK, WORLD_SIZE, LOCAL_RANK, SLURM_*).
+
+Everything else receives a :class:`DistInfo`. Rank and world size come from torch.distributed once the
+group exists (``accelerate launch`` on CPU reports 1 process to Accelerate while forming a real group).
+"""
+
+from __future__ import annotations
+
+import datetime
+import logging
+import os
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class DistInfo:
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+    device: torch.device = torch.device("cpu")
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    def barrier(self) -> None:
+        if self.world_size > 1:
+            dist.barrier()
+
+
+def _env_int(*names: str, default: int | None = None) -> int | None:
+    for name in names:
+        if os.environ.get(name, "") != "":
+            return int(os.environ[name])
+    return default
+
+
+def launch_env() -> tuple[int, int, int]:
+    """(rank, world size, local rank) as the launcher set them: torchrun / accelerate / deepspeed set
+    RANK etc.; under ``srun`` without them, Slurm's SLURM_PROCID / SLURM_NTASKS / SLURM_LOCALID."""
+    rank = _env_int("RANK", "SLURM_PROCID", default=0)
+    world = _env_int("WORLD_SIZE", "SLURM_NTASKS", default=1)
+    local = _env_int("LOCAL_RANK", "SLURM_LOCALID", default=0)
+    return rank, world, local
+
+
+def init_distributed(timeout_minutes: int = 30) -> DistInfo:
+    """Join (or, for a single process, create) the process group; NCCL on GPUs, gloo on CPU."""
+    rank, world, local = launch_env()
+    if torch.cuda.is_available():
+        torch.cuda.set_device(local % torch.cuda.device_count())
+        device, backend = torch.device("cuda", torch.cuda.current_device()), "nccl"
+    else:
+        device, backend = torch.device("cpu"), "gloo"
+    if not dist.is_initialized():
+        os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+        os.environ.setdefault("MASTER_PORT", str(29500 + os.getpid() % 1000 if world == 1 else 29500))
+        os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(local))
+        dist.init_process_group(
+            backend, rank=rank, world_size=world, timeout=datetime.timedelta(minutes=timeout_minutes)
+        )
+    info = DistInfo(dist.get_rank(), dist.get_world_size(), local, device)
+    if (info.rank, info.world_size) != (rank, world):
+        raise RuntimeError(f"process group says rank {info.rank}/{info.world_size}, environment {rank}/{world}")
+    return info
+
+
+class RankFilter(logging.Filter):
+    """Prefixes records with the rank; drops INFO and below on ranks other than 0."""
+
+    def __init__(self, rank: int):
+        super().__init__()
+        self.rank = rank
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        record.rank = self.rank
+        return self.rank == 0 or record.levelno > logging.INFO
+
+
+def setup_logging(info: DistInfo, level: int = logging.INFO) -> None:
+    handler = logging.StreamHandler()
+    handler.setFormatter(logging.Formatter("%(asctime)s [rank%(rank)d] %(name)s: %(message)s", "%H:%M:%S"))
+    handler.addFilter(RankFilter(info.rank))
+    root = logging.getLogger()
+    root.handlers[:] = [handler]
+    root.setLevel(level)
