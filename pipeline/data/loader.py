@@ -11,14 +11,18 @@ continues exactly where the consumed batches ended (no replay, same order as an 
 
 from __future__ import annotations
 
+import contextlib
 import io
 import itertools
 import logging
+import random
 import re
+import zlib
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from PIL import Image
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
@@ -75,6 +79,30 @@ def decode_sample(sample: dict[str, Any]) -> tuple[Image.Image, int]:
     if image.mode != "RGB":  # convert() copies even when the mode is already RGB (~20% of decode time)
         image = image.convert("RGB")
     return image, int(sample["cls"])
+
+
+def seed_augmentation(*position: int) -> None:
+    """Seed the global RNGs that timm/torchvision transforms draw from with the sample's position, so
+    augmentation is a function of the data order alone: identical after a resume, whatever the workers' seeds."""
+    seed = zlib.crc32("/".join(map(str, position)).encode())
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+@contextlib.contextmanager
+def _own_rng(restore: bool):
+    """In the main process (workers=0), give back the global RNG states the transform's seeding replaced."""
+    if not restore:
+        yield
+        return
+    states = random.getstate(), np.random.get_state(), torch.get_rng_state()
+    try:
+        yield
+    finally:
+        random.setstate(states[0])
+        np.random.set_state(states[1])
+        torch.set_rng_state(states[2])
 
 
 class ShardStream(IterableDataset):
@@ -175,7 +203,10 @@ class ShardStream(IterableDataset):
                     self.skipped += 1
                     logger.warning("skipping sample %s in %s: %s", sample.get("__key__"), shard.url, e)
                     continue
-                yield self.transform(image), label, chunk, offset
+                with _own_rng(get_worker_info() is None):
+                    seed_augmentation(self.seed, self.epoch, slot, chunk, offset)
+                    image = self.transform(image)
+                yield image, label, chunk, offset
 
     def __iter__(self) -> Iterator[dict[str, Any]]:
         info = get_worker_info()
@@ -271,4 +302,5 @@ def build_loader(dataset: ShardStream, pin_memory: bool = False, prefetch_factor
         pin_memory=pin_memory,
         prefetch_factor=prefetch_factor if workers else None,
         persistent_workers=False,
+        generator=torch.Generator().manual_seed(dataset.seed),  # leaves the global RNG (DropPath, Mixup) alone
     )

@@ -215,3 +215,25 @@ def test_two_ranks_two_workers_through_dataloader(shard_dir, tmp_path):
     assert len(per_rank[0]) == len(per_rank[1])
     seen = sorted(x for batches in per_rank for b in batches for x in b)
     assert seen == list(range(sum(SIZES)))
+
+
+def test_augmentation_depends_on_position_not_on_workers(shard_dir):
+    """Random transforms give the same pixels for a sample whatever the worker layout or global seed."""
+    import torchvision.transforms as T
+
+    jitter = T.Compose([T.RandomResizedCrop(8, scale=(0.3, 1.0)), T.PILToTensor()])
+    kw = dict(mode="resampled", batch_size=2, transform=jitter, seed=3)
+    a = next(stream(shard_dir, workers=1, **kw).iter_worker(0))
+    torch.manual_seed(123)
+    b = next(stream(shard_dir, workers=1, **kw).iter_worker(0))
+    assert torch.equal(a["images"], b["images"])
+    c = next(stream(shard_dir, workers=1, **(kw | {"seed": 4})).iter_worker(0))
+    assert not torch.equal(a["images"], c["images"])
+
+
+def test_main_process_loading_leaves_global_rng_alone(shard_dir):
+    torch.manual_seed(0)
+    expected = torch.rand(3)
+    torch.manual_seed(0)
+    next(stream(shard_dir, mode="resampled", workers=0).iter_worker(0))
+    assert torch.equal(torch.rand(3), expected)
