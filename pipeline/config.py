@@ -32,6 +32,7 @@ class ModelConfig:
     use_rpb: bool = False
     compile: bool = False  # torch.compile the model
     init_from: str | None = None  # an HF checkpoint directory to start from
+    overrides: dict[str, Any] = field(default_factory=dict)  # any DinatConfig field, e.g. {embed_dim: 32}
 
     def __post_init__(self):
         import dinat
@@ -46,6 +47,10 @@ class ModelConfig:
         if not (ac in ("none", "all") or (isinstance(ac, int) and not isinstance(ac, bool) and ac > 0)):
             raise ConfigError(f"model.activation_checkpointing: 'none', 'all' or a positive int, got {ac!r}")
         _check_range("model.drop_path_rate", self.drop_path_rate, 0.0, 1.0)
+        try:
+            dinat.variant_config(self.name, **self.overrides)
+        except (TypeError, ValueError) as e:
+            raise ConfigError(f"model.overrides: {e}") from None
 
 
 @dataclass

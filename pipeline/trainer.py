@@ -132,6 +132,7 @@ class Trainer:
     def _build_model(self) -> torch.nn.Module:
         m = self.cfg.model
         overrides = dict(
+            m.overrides,
             num_labels=self.dataset.num_classes,
             attention_backend=m.attention_backend,
             activation_checkpointing=m.activation_checkpointing,

@@ -43,6 +43,8 @@ BAD = [
     (["model.activation_checkpointing=some"], "model.activation_checkpointing: 'none', 'all' or a positive int"),
     (["model.activation_checkpointing=0"], "model.activation_checkpointing"),
     (["model.drop_path_rate=1.5"], "model.drop_path_rate: 1.5 is outside"),
+    (["model.overrides={kernel_size: 4}"], "model.overrides: kernel_size must be an odd number"),
+    (["model.overrides={embed_dims: 4}"], "model.overrides: unknown DinatConfig field"),
     (["data.train="], "data.train: required"),
     (["data.mode=shuffled"], "data.mode: 'resampled' or 'epoch'"),
     (["data.workers=-1"], "data.workers: must be >= 0"),
