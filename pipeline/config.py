@@ -152,12 +152,15 @@ class RunConfig:
     output_dir: str = "runs/dinat"
     resume: str = "auto"  # auto (latest complete checkpoint, if any) | none | a checkpoint directory
     export: bool = True  # HF export at the end
+    push_to: str | None = None  # also push the export to this Hub repo (token: HF_TOKEN)
     tensorboard: bool = True
     image_grid: bool = True  # a grid of augmented training images in TensorBoard at the start
 
     def __post_init__(self):
         if not self.output_dir:
             raise ConfigError("run.output_dir: required")
+        if self.push_to is not None and not self.export:
+            raise ConfigError("run.push_to: needs run.export=true")
 
 
 @dataclass

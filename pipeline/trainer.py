@@ -79,6 +79,13 @@ class Trainer:
         self.total_steps, self.schedule = self._plan_steps()
         self.val_stream = eval_stream(cfg.data, self.dataset, info, self.micro) if self.dataset.val else None
         self.precision = resolve_precision(cfg.train.precision, info.device)
+        if cfg.run.push_to:  # fail now, not after the last step
+            from .export import hub_token
+
+            try:
+                hub_token(cfg.run.push_to)
+            except ValueError as e:
+                raise ConfigError(f"run.push_to: {e}") from None
         if info.is_main:
             save_config(cfg, self.run_dir / "config.yaml")
         torch.manual_seed(cfg.train.seed)
@@ -218,7 +225,7 @@ class Trainer:
         if self.cfg.run.export and self.info.is_main:
             from .export import export_checkpoint
 
-            out = export_checkpoint(final, self.run_dir / "export")
+            out = export_checkpoint(final, self.run_dir / "export", push_to=self.cfg.run.push_to)
             logger.info("exported %s", out)
         self.info.barrier()
         self.metrics.close()

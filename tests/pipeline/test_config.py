@@ -62,6 +62,7 @@ BAD = [
     (["train.keep_checkpoints=0"], "train.keep_checkpoints: must be >= 1"),
     (["run.output_dir="], "run.output_dir: required"),
     (["run.export=maybe"], "run.export: expected true/false"),
+    (["run.export=false", "run.push_to=me/dinat"], "run.push_to: needs run.export=true"),
     (["deepspeed.zero_optimization.stage=4"], "deepspeed.zero_optimization.stage: must be 0, 1, 2 or 3"),
     (["deepspeed.train_batch_size=64"], "deepspeed.train_batch_size: derived by the pipeline; set train.global"),
     (["deepspeed.bf16={enabled: true}"], "deepspeed.bf16: set by the pipeline"),
