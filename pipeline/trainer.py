@@ -116,6 +116,7 @@ class Trainer:
         self._rng_to_restore = None
         self.stop_signal = 0
         self.last_eval: dict[str, float] = {}
+        self._saved_step: int | None = None
         flops = dinat.flops.train_step_flops(self.model.config, d.image_size, self.global_batch)
         self.useful_flops_per_step = flops["useful"]
         self.peak = peak_flops(info.device, dtype)
@@ -188,8 +189,7 @@ class Trainer:
             stream.set_epoch(self.position.epoch)
 
     def _on_signal(self, signum, _frame) -> None:
-        logger.warning("received signal %d: checkpointing at the end of this step", signum)
-        self.stop_signal = signum
+        self.stop_signal = signum  # only a flag: logging is not safe inside a signal handler
 
     def run(self) -> int:
         for sig in (signal.SIGTERM, signal.SIGUSR1):
@@ -212,6 +212,7 @@ class Trainer:
             if self.val_stream is not None and self.step % self.cfg.train.eval_every == 0:
                 self._evaluate()
             if self._stop_requested():
+                logger.warning("stop signal received: checkpointing at step %d", self.step)
                 self.save()
                 logger.warning("stopped by signal at step %d; exit %d to be requeued", self.step, EXIT_REQUEUE)
                 self.metrics.close()
@@ -221,7 +222,7 @@ class Trainer:
             timer.step_start()  # eval and checkpoint time is not step time
         if self.val_stream is not None and self.step % self.cfg.train.eval_every:
             self._evaluate()
-        final = self.save()
+        final = self.checkpointer.latest() if self._saved_step == self.step else self.save()
         if self.cfg.run.export and self.info.is_main:
             from .export import export_checkpoint
 
@@ -350,6 +351,7 @@ class Trainer:
         }
         rank_state = {"data": self.position.state_dict(), "rng": rng_state()}
         path = self.checkpointer.save(self.engine, self.step, state, rank_state)
+        self._saved_step = self.step
         logger.info("checkpoint %s", path)
         return path
 
