@@ -115,7 +115,6 @@ class Trainer:
         self._data_state = None
         self._rng_to_restore = None
         self.stop_signal = 0
-        self.last_eval: dict[str, float] = {}
         self._saved_step: int | None = None
         flops = dinat.flops.train_step_flops(self.model.config, d.image_size, self.global_batch)
         self.useful_flops_per_step = flops["useful"]
@@ -330,7 +329,6 @@ class Trainer:
             results["eval/top5"],
             results["eval/samples"],
         )
-        self.last_eval = results
         return results
 
     def save(self) -> Path:
