@@ -152,8 +152,9 @@ class DinatConfig:
     def save(self, path: str | Path) -> None:
         Path(path).write_text(json.dumps(self.to_dict(), indent=2, sort_keys=True) + "\n")
 
-    @classmethod
-    def load(cls, path: str | Path) -> DinatConfig:
+    @staticmethod
+    def read_json(path: str | Path) -> dict[str, Any]:
+        """The raw object of a config.json (checked to be one)."""
         path = Path(path)
         try:
             d = json.loads(path.read_text())
@@ -161,7 +162,11 @@ class DinatConfig:
             raise ValueError(f"{path}: not valid JSON ({e})") from None
         if not isinstance(d, dict):
             raise ValueError(f"{path}: expected a JSON object")
-        return cls.from_dict(d, source=str(path))
+        return d
+
+    @classmethod
+    def load(cls, path: str | Path) -> DinatConfig:
+        return cls.from_dict(cls.read_json(path), source=str(path))
 
     def replace(self, **overrides: Any) -> DinatConfig:
         names = {f.name for f in dataclasses.fields(self)}

@@ -127,8 +127,8 @@ def from_pretrained(directory: str | Path, cls=None, **overrides) -> torch.nn.Mo
     cfg_path = directory / CONFIG_NAME
     if not cfg_path.is_file():
         raise FileNotFoundError(f"{cfg_path}: no such file")
-    config = DinatConfig.load(cfg_path)
-    raw = json.loads(cfg_path.read_text())
+    raw = DinatConfig.read_json(cfg_path)
+    config = DinatConfig.from_dict(raw, source=str(cfg_path))
     weights_path = directory / WEIGHTS_NAME
     sd = _read_weights(weights_path)
     if "use_rpb" not in raw and "use_rpb" not in overrides:

@@ -7,7 +7,6 @@ torchrun would, so exit codes and signals reach the tests directly.
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -19,6 +18,7 @@ from safetensors.torch import load_file
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from pipeline.data.synthetic import make_synthetic
+from tests.pipeline.ds_helpers import free_port
 
 REPO = Path(__file__).resolve().parents[1]
 TAGS = [
@@ -41,12 +41,6 @@ def shards(tmp_path_factory):
     out = tmp_path_factory.mktemp("synthetic")
     make_synthetic(out, num_classes=4, train_per_class=48, val_per_class=8, image_size=48, shard_samples=24)
     return out
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def launch(run_dir, shards, *overrides, world=2):

@@ -33,7 +33,9 @@ def test_timm_registration():
         assert model.forward_features(x).shape == (2, 2, 2, 128)
     assert model.pretrained_cfg["input_size"] == (3, 64, 64)
     assert set(model.state_dict()) == set(dinat.create_model("dinat_debug", num_labels=3, num_channels=1).state_dict())
-    assert {n for n in model.no_weight_decay() if "layer_scale" in n or "rpb" in n} == set()
+    with_extras = timm.create_model("dinat_debug", use_rpb=True, layer_scale_init_value=0.1)
+    names = {n for n, _ in with_extras.named_parameters() if n.endswith(("rpb", "layer_scale_parameters"))}
+    assert len(names) == 2 * 7 and with_extras.no_weight_decay() == names
     with pytest.raises(ValueError, match="no hub weights"):
         timm.create_model("dinat_debug", pretrained=True)
     with pytest.raises(ValueError, match="unknown DinatConfig field"):

@@ -2,18 +2,17 @@
 
 import io
 import itertools
-import os
 
 import numpy as np
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 import webdataset as wds
 from PIL import Image
 
 from pipeline.data import manifest as mf
 from pipeline.data.loader import ShardStream, StreamPosition, build_loader, list_shards
+from tests.pipeline.ds_helpers import run_ranks
 
 SIZES = [2, 9, 5, 7, 3, 8, 4, 6, 9, 2, 5, 7, 3, 6, 8, 4, 5, 9, 2, 6, 7, 3, 8, 5, 4, 6, 9, 2, 7, 5, 3, 8, 6, 4, 5, 7, 9]
 
@@ -187,38 +186,35 @@ def test_clear_errors(shard_dir, tmp_path):
         list_shards(tmp_path)
 
 
-def _read_rank(rank, world_size, shard_dir, port, out):
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    dist.init_process_group("gloo", rank=rank, world_size=world_size)
+def _read_rank(info, shard_dir, out):
     ds = ShardStream(
         list_shards(shard_dir),
         mode="epoch",
         batch_size=4,
         transform=to_array,
-        rank=dist.get_rank(),
-        world_size=dist.get_world_size(),
+        rank=info.rank,
+        world_size=info.world_size,
         workers=2,
         epoch=1,
     )
     labels = [b["labels"].tolist() for b in build_loader(ds)]
-    gathered = [None] * world_size
+    gathered = [None] * info.world_size
     dist.all_gather_object(gathered, labels)
-    if rank == 0:
+    if info.rank == 0:
         torch.save(gathered, out)
-    dist.destroy_process_group()
 
 
 def test_two_ranks_two_workers_through_dataloader(shard_dir, tmp_path):
-    port = 29500 + os.getpid() % 1000
-    mp.spawn(_read_rank, args=(2, str(shard_dir), port, str(tmp_path / "out.pt")), nprocs=2)
+    run_ranks(_read_rank, str(shard_dir), str(tmp_path / "out.pt"))
     per_rank = torch.load(tmp_path / "out.pt")
     assert len(per_rank[0]) == len(per_rank[1])
     seen = sorted(x for batches in per_rank for b in batches for x in b)
     assert seen == list(range(sum(SIZES)))
 
 
-def test_augmentation_depends_on_position_not_on_workers(shard_dir):
-    """Random transforms give the same pixels for a sample whatever the worker layout or global seed."""
+def test_augmentation_is_seeded_by_position_not_by_the_global_rng(shard_dir):
+    """Random transforms give the same pixels for a stream position whatever the global RNG's state
+    (a DataLoader worker's seed changes on resume); the run seed does change them."""
     import torchvision.transforms as T
 
     jitter = T.Compose([T.RandomResizedCrop(8, scale=(0.3, 1.0)), T.PILToTensor()])
