@@ -17,6 +17,7 @@ import itertools
 import logging
 import random
 import re
+import signal
 import zlib
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
@@ -294,6 +295,13 @@ class StreamPosition:
         self.counters, self.skipped_before = {}, state.get("skipped", 0)
 
 
+def _leave_stop_signals_to_main(_worker_id: int) -> None:
+    """Slurm sends TERM (preemption, requeue) to every process of a job step, workers included: they ignore
+    it (and USR1), so the main process can checkpoint; it shuts them down when it exits."""
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    signal.signal(signal.SIGUSR1, signal.SIG_IGN)
+
+
 def build_loader(dataset: ShardStream, pin_memory: bool = False, prefetch_factor: int = 4) -> DataLoader:
     """A DataLoader over ``dataset`` with the worker count it was planned for (batches are made in workers)."""
     workers = dataset.num_workers
@@ -304,5 +312,6 @@ def build_loader(dataset: ShardStream, pin_memory: bool = False, prefetch_factor
         pin_memory=pin_memory,
         prefetch_factor=prefetch_factor if workers else None,
         persistent_workers=False,
+        worker_init_fn=_leave_stop_signals_to_main,
         generator=torch.Generator().manual_seed(dataset.seed),  # leaves the global RNG (DropPath, Mixup) alone
     )

@@ -2,6 +2,9 @@
 
 import io
 import itertools
+import os
+import signal
+import time
 
 import numpy as np
 import pytest
@@ -246,3 +249,20 @@ def test_per_sample_seeding_leaves_cuda_seeding_alone(shard_dir):
     batches = itertools.islice(stream(shard_dir, mode="resampled").iter_worker(0), 5)
     assert sum(len(b["labels"]) for b in batches) == 20
     assert _lazy_seed_tracker.manual_seed_all_cb is None
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGUSR1])
+def test_workers_survive_the_stop_signals_slurm_sends_every_process(shard_dir, sig):
+    """Preemption/requeue signal a job's whole process tree: the workers must keep delivering batches
+    while the main process checkpoints (before, a TERM killed them and the DataLoader raised)."""
+    kw = dict(mode="resampled", workers=2, seed=1, batch_size=3)
+    full = [b["labels"].tolist() for b in itertools.islice(build_loader(stream(shard_dir, **kw)), 8)]
+    iterator = iter(build_loader(stream(shard_dir, **kw)))
+    got = [next(iterator)["labels"].tolist() for _ in range(2)]
+    workers = iterator._workers  # the worker processes of this iterator
+    for w in workers:
+        os.kill(w.pid, sig)
+    time.sleep(0.5)
+    got += [next(iterator)["labels"].tolist() for _ in range(6)]
+    assert got == full
+    assert all(w.is_alive() for w in workers)
