@@ -12,6 +12,7 @@ import os
 import random
 import signal
 import sys
+import uuid
 from pathlib import Path
 from typing import Any
 
@@ -42,15 +43,39 @@ class NonFiniteLossError(RuntimeError):
 
 
 def prepare_run_dir(path: str, info: DistInfo) -> Path:
-    """Create the run directory; every rank checks it can write there, so all fail alike."""
+    """Create the run directory and check that every rank can write there and sees what rank 0 writes
+    (checkpoints are written by all ranks and read back by all: on several nodes it must be a shared
+    filesystem, not a node-local /tmp). All ranks fail alike, with the first rank's reason."""
     run_dir = Path(path)
+    error = ""
+    token = [uuid.uuid4().hex]
+    if info.world_size > 1:
+        dist.broadcast_object_list(token, src=0)
+    marker = run_dir / f".shared-check-{token[0]}"
     try:
         run_dir.mkdir(parents=True, exist_ok=True)
         probe = run_dir / f".write-test-{info.rank}-{os.getpid()}"
         probe.write_text("ok")
         probe.unlink()
+        if info.is_main:
+            marker.write_text(token[0])
     except OSError as e:
-        raise ConfigError(f"run.output_dir: {run_dir} is not writable ({e.strerror})") from None
+        error = f"run.output_dir: {run_dir} is not writable ({e.strerror})"
+    info.barrier()
+    if not error and not marker.is_file():
+        error = (
+            f"run.output_dir: {run_dir} is not shared between ranks: rank {info.rank} does not see the file "
+            "rank 0 wrote there; use a directory every node mounts (not a node-local /tmp)"
+        )
+    errors = [error]
+    if info.world_size > 1:
+        errors = [None] * info.world_size
+        dist.all_gather_object(errors, error)
+    info.barrier()
+    if info.is_main:
+        marker.unlink(missing_ok=True)
+    if any(errors):
+        raise ConfigError(next(e for e in errors if e))
     return run_dir
 
 
