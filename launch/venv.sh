@@ -15,18 +15,30 @@ venv="$root/.venv"
 stamp="$venv/.dinat-installed"
 want="$(cat "$root/pyproject.toml" "$root/launch/venv.sh" | sha256sum | cut -c1-16)"
 
-if [[ ! -f "$stamp" || "$(cat "$stamp")" != "$want" ]]; then
+up_to_date() { [[ -f "$stamp" && "$(cat "$stamp")" == "$want" ]]; }
+
+if ! up_to_date; then
+  # Jobs started together (a Slurm array, several ranks) must not install at once: one does, the
+  # others wait for it and find the stamp up to date.
+  mkdir -p "$venv"
+  exec 9>"$venv/.lock"
+  flock 9
+fi
+if ! up_to_date; then
   echo "[venv.sh] setting up $venv" >&2
   [[ -x "$venv/bin/python" ]] || "${PYTHON:-python3}" -m venv "$venv"
   pip=("$venv/bin/python" -m pip --disable-pip-version-check)
   "${pip[@]}" install -q --upgrade pip setuptools wheel
   # PyPI's torch is the CUDA build; it also runs on CPU-only machines (there is no CPU torchvision there).
-  "${pip[@]}" install -q ${TORCH_SPEC:-torch==2.14.1 torchvision==0.29.1}
+  read -ra torch_spec <<<"${TORCH_SPEC:-torch==2.14.1 torchvision==0.29.1}"
+  "${pip[@]}" install -q "${torch_spec[@]}"
   # NATTEN imports torch in its setup.py: build against the torch above, without build isolation.
-  "${pip[@]}" install -q --no-build-isolation ${NATTEN_SPEC:-natten==0.21.7}
-  "${pip[@]}" install -q --no-build-isolation -e "$root[dev]"
+  read -ra natten_spec <<<"${NATTEN_SPEC:-natten==0.21.7}"
+  "${pip[@]}" install -q --no-build-isolation "${natten_spec[@]}"
+  "${pip[@]}" install -q --no-build-isolation -e "${root}[dev]"
   echo "$want" > "$stamp"
 fi
+exec 9>&-
 
 export PATH="$venv/bin:$PATH" VIRTUAL_ENV="$venv"
 cd "$root"
