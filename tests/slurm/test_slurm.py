@@ -172,3 +172,20 @@ def test_shards_array_then_merge(slurm, tmp_path):
     merged, single = read_manifest(out), read_manifest(tmp_path / "single")
     assert merged["splits"] == single["splits"]
     assert sum(e["samples"] for e in merged["splits"]["train"]["shards"]) == 6 * 12
+
+    # One task re-run alone (a lost shard): it rewrites only that shard, and the merge is unchanged.
+    part1 = read_manifest(out / "manifest.part-00001-of-00003.json")
+    lost = part1["splits"]["train"]["shards"][0]["name"]
+    (out / lost).unlink()
+    rerun = slurm.sbatch(
+        "--array=1", "--export=ALL,SHARD_PARTS=3", *CPU_JOB, f"--output={tmp_path}/rerun.out",
+        "slurm/shards.sbatch", str(src), str(out), *common, cwd=ROOT,
+    )  # fmt: skip
+    merge = slurm.sbatch(
+        f"--dependency=afterok:{rerun}", *CPU_JOB, f"--output={tmp_path}/merge2.out",
+        "slurm/shards.sbatch", "--merge", str(out), cwd=ROOT,
+    )  # fmt: skip
+    assert slurm.wait(merge, 120)["JobState"] == "COMPLETED"
+    kept = sum(len(part1["splits"][s]["shards"]) for s in ("train", "val")) - 1
+    assert f"shards: 1 written, {kept} kept (verified)" in (tmp_path / "rerun.out").read_text()
+    assert read_manifest(out)["splits"] == single["splits"]
