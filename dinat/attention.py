@@ -35,6 +35,13 @@ def natten_available() -> bool:
     return hasattr(natten, "na2d")
 
 
+def natten_has_cuda_kernels() -> bool:
+    """Whether NATTEN was built with libnatten (its fused CUDA kernels); without it na2d runs FlexAttention."""
+    import natten
+
+    return bool(getattr(natten, "HAS_LIBNATTEN", False))
+
+
 @functools.cache
 def _axis_index(length: int, kernel_size: int, dilation: int, device: str) -> tuple[torch.Tensor, torch.Tensor]:
     """Neighbour indices and RPB indices along one axis.
@@ -175,6 +182,7 @@ def resolve_backend(name: str, use_rpb: bool, attn_drop: float = 0.0, device: to
                 "attention_backend='natten' has no attention dropout; "
                 f"attention_probs_dropout_prob={attn_drop} needs 'reference'"
             )
+        _warn_without_cuda_kernels(torch.device(device))
         return name
     if name == "reference":
         return name
@@ -185,10 +193,20 @@ def resolve_backend(name: str, use_rpb: bool, attn_drop: float = 0.0, device: to
         chosen, why = "natten", "CUDA device"
     else:
         # On CPU NATTEN runs uncompiled FlexAttention, which has no backward and is slower than the
-        # reference at DiNAT's large maps (benchmarks/attention.py).
+        # reference at DiNAT's large maps (python -m dinat.benchmark attention).
         chosen, why = "reference", f"{device.type} device"
     logger.info("attention_backend=auto -> %s (%s)", chosen, why)
+    if chosen == "natten":
+        _warn_without_cuda_kernels(device)
     return chosen
+
+
+def _warn_without_cuda_kernels(device: torch.device) -> None:
+    if device.type == "cuda" and not natten_has_cuda_kernels():
+        logger.warning(
+            "NATTEN was built without its CUDA kernels (no libnatten): na2d falls back to FlexAttention. "
+            "Build a wheel for this GPU with launch/natten_wheel.sh and install it with NATTEN_SPEC"
+        )
 
 
 def get_attention_fn(backend: str):

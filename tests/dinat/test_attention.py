@@ -161,6 +161,20 @@ def test_resolve_backend():
         resolve_backend("flash", use_rpb=False)
 
 
+@pytest.mark.parametrize("backend", ["auto", "natten"])
+def test_natten_without_cuda_kernels_is_reported_on_cuda(backend, caplog):
+    """A NATTEN built without libnatten (as on this CPU machine) still runs on a GPU, through FlexAttention,
+    far slower: choosing it for CUDA must say so and name the fix."""
+    with caplog.at_level("WARNING", logger="dinat.attention"):
+        assert resolve_backend(backend, use_rpb=False, device="cuda") == "natten"
+    assert ("built without its CUDA kernels" in caplog.text) == (not natten.HAS_LIBNATTEN)
+    assert ("launch/natten_wheel.sh" in caplog.text) == (not natten.HAS_LIBNATTEN)
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="dinat.attention"):
+        resolve_backend("natten", use_rpb=False, device="cpu")  # CPU runs FlexAttention anyway
+    assert "built without its CUDA kernels" not in caplog.text
+
+
 @requires_cuda
 @pytest.mark.gpu
 @pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-4), (torch.bfloat16, 3e-2)])
