@@ -1,0 +1,14 @@
+"""``dinat-bench``: timed DiNAT training steps through the training engine, and a memory plan.
+
+    dinat-bench --variant dinat_large --micro-batch 128 --compare swin_large_patch4_window7_224,convnext_large
+    dinat-bench --variant dinat_large --plan --precision bf16 --attention-backend natten --zero-stage 2
+    dinat-bench --variant dinat_large --find-max-batch --zero-stage 3 --activation-checkpointing all
+
+Modules: :mod:`.cli` (arguments, entry point), :mod:`.report` (a run, figures, table), :mod:`.steps` (one
+model in the engine, timed), :mod:`.measure` (memory measured on any device), :mod:`.activations` and
+:mod:`.memory_plan` (memory predicted), :mod:`.search` (largest micro-batch).
+"""
+
+from .cli import main
+
+__all__ = ["main"]
