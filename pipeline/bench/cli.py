@@ -56,8 +56,8 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--steps", type=int, default=10, help="timed steps")
     p.add_argument("--warmup", type=int, default=3, help="untimed steps first")
     p.add_argument("--compare", default="", help="comma-separated timm models timed in the same run")
-    p.add_argument("--data", default=None, help="a WebDataset shard directory (dinat-make-shards) instead of synthetic")
-    p.add_argument("--config", default=None, help="a run YAML whose deepspeed: section (buckets, ...) is used")
+    p.add_argument("--data", default=None, help="shards as data.train takes them, instead of synthetic")
+    p.add_argument("--config", default=None, help="a run YAML: its deepspeed: and data: sections are used")
     p.add_argument("--json", default=None, help="write the machine-readable record here")
     p.add_argument("--plan", action="store_true", help="print the memory plan and exit without running")
     p.add_argument("--world-size", type=int, default=None, help="ranks for --plan (default: the launcher's)")
@@ -105,8 +105,6 @@ def validate(p: argparse.ArgumentParser, args: argparse.Namespace) -> None:
             p.error("--find-max-batch on CPU: give --memory-limit-gib (the search compares measured peaks with it)")
     if args.precision == "auto":
         args.precision = "bf16" if gpu else "fp32"
-    if args.data is not None and not Path(args.data).is_dir():
-        p.error(f"--data: {args.data} is not a directory")
 
 
 def build_config(args: argparse.Namespace, world_size: int) -> Config:
@@ -188,6 +186,10 @@ def main(argv: list[str] | None = None) -> int:
     world = args.world_size or launch_env()[1]
     try:
         cfg = build_config(args, world)
+        if args.data is not None:  # missing shards or classes.json: refused before any engine is built
+            from ..data.build import resolve_dataset
+
+            resolve_dataset(cfg.data)
     except ConfigError as e:
         p.error(str(e))
     if args.plan:

@@ -83,6 +83,7 @@ def test_dinat_and_timm_in_one_run_json_record(tmp_path, capsys):
         (["--find-max-batch"], "give --memory-limit-gib"),
         (["--world-size", "8"], "--world-size: a positive number, with --plan only"),
         (["--peak-tflops", "0"], "--peak-tflops: must be > 0, got 0.0"),
+        (["--data", "/nonexistent/shards"], "data: "),
         (["--plan", "deepspeed.zero_optimization.stage=7"], "unrecognized arguments"),
     ],
 )
@@ -161,3 +162,16 @@ def test_two_ranks_zero3(tmp_path):
     assert row["images_per_s"] == pytest.approx(2 * row["images_per_s_per_gpu"])
     assert rec["plan"]["world_size"] == 2 and rec["plan"]["zero_stage"] == 3
     assert row["peak_bytes"] == pytest.approx(rec["plan"]["total"], rel=0.02)  # partitioned states, one rank
+
+
+def test_real_shards_time_the_data_wait(tmp_path):
+    from pipeline.data.synthetic import make_synthetic
+
+    make_synthetic(tmp_path / "data", num_classes=4, train_per_class=8, val_per_class=2, image_size=48, shard_samples=8)
+    (tmp_path / "run.yaml").write_text("data:\n  train: unused\n  workers: 1\n")
+    rec = _run(tmp_path, "--data", str(tmp_path / "data"), "--config", str(tmp_path / "run.yaml"))
+    (row,) = rec["results"]
+    assert rec["config"]["data"] == str(tmp_path / "data")
+    assert 0 <= row["data_wait_s"] < row["step_s"]  # the loader's wait is part of the step, beside the phases
+    phases = row["forward_s"] + row["backward_s"] + row["optimizer_s"]
+    assert phases + row["data_wait_s"] == pytest.approx(row["step_s"], rel=0.05)
