@@ -95,7 +95,9 @@ def build_engine(
         model=model, optimizer=optimizer, lr_scheduler=scheduler, config=ds_config, dist_init_required=False
     )
     if cfg.model.compile:
-        engine.compile()
+        # Fixed shapes: a recompile for the next level's map size would otherwise switch dynamo to dynamic
+        # shapes, and inductor (torch 2.14) fails on the padding arithmetic of DinatLayer with them.
+        engine.compile(compile_kwargs={"dynamic": False})
     logger.info(
         "DeepSpeed ZeRO-%d, %s, micro batch %d x accumulation %d x %d ranks = %d",
         ds_config.get("zero_optimization", {}).get("stage", 0),

@@ -175,3 +175,14 @@ def test_real_shards_time_the_data_wait(tmp_path):
     assert 0 <= row["data_wait_s"] < row["step_s"]  # the loader's wait is part of the step, beside the phases
     phases = row["forward_s"] + row["backward_s"] + row["optimizer_s"]
     assert phases + row["data_wait_s"] == pytest.approx(row["step_s"], rel=0.05)
+
+
+def test_compile_runs_compiled_graphs(tmp_path):
+    # model.compile through the engine: fixed shapes (dynamic=False). Automatic dynamic shapes made
+    # inductor fail on DiNAT's padding arithmetic ("cannot determine truth value of Relational").
+    from torch._dynamo.utils import counters
+
+    counters.clear()
+    rec = _run(tmp_path, "--compile")
+    assert rec["config"]["compile"] is True and rec["results"][0]["step_s"] > 0
+    assert counters["stats"]["unique_graphs"] > 0
