@@ -135,17 +135,31 @@ def _check_states(got: dict, stage: int, precision: str, world: int) -> None:
     assert got["after_step"] == pytest.approx(states + kept, rel=0.01)
 
 
+def single_rank_worker(info, out: str) -> None:
+    """Every ZeRO stage and precision, one engine after another, in a fresh process. DeepSpeed keeps
+    process-wide state between engines (ZeRO-3 replaces torch.nn.functional.linear; a backward-graph
+    tracker): built after other tests' engines, a ZeRO-2 engine kept its reduce bucket past backward."""
+    pipeline.engine.resolve_precision = lambda p, d: p  # the pipeline refuses bf16 on CPU; DeepSpeed runs it
+    linear = torch.nn.functional.linear
+    results = {}
+    for precision in ("fp32", "bf16"):
+        for stage in range(4):
+            results[stage, precision] = _engine_states(info, stage, precision)
+            torch.nn.functional.linear = linear
+    torch.save(results, Path(out) / "rank0.pt")
+
+
+@pytest.fixture(scope="module")
+def single_rank_states(tmp_path_factory) -> dict:
+    out = tmp_path_factory.mktemp("states")
+    run_ranks(single_rank_worker, str(out), world_size=1)
+    return torch.load(out / "rank0.pt", weights_only=False)
+
+
 @pytest.mark.parametrize("precision", ["fp32", "bf16"])
 @pytest.mark.parametrize("stage", [0, 1, 2, 3])
-def test_model_states_match_a_real_engine(stage, precision, monkeypatch):
-    # A ZeRO-3 engine replaces torch.nn.functional.linear for the whole process (DeepSpeed's
-    # memory_efficient_linear); restore it after the test so later tests see torch's own.
-    monkeypatch.setattr(torch.nn.functional, "linear", torch.nn.functional.linear)
-    if precision == "bf16":  # the pipeline refuses bf16 on CPU; DeepSpeed's bookkeeping runs there all the same
-        monkeypatch.setattr(pipeline.engine, "resolve_precision", lambda p, d: p)
-    from pipeline.distributed import init_distributed
-
-    got = _engine_states(init_distributed(), stage, precision)
+def test_model_states_match_a_real_engine(stage, precision, single_rank_states):
+    got = single_rank_states[stage, precision]
     _check_states(got, stage, precision, 1)
     b = 2 if precision == "bf16" else 4
     assert got["master"] == (0 if (stage == 0 and b == 4) else 4 * got["psi"])  # ZeRO 1-3: fp32 master in fp32 too
