@@ -199,6 +199,18 @@ def main(argv: list[str] | None = None) -> int:
     return run(cfg, args)
 
 
+def _describe(every: str | int) -> str:
+    return {"none": "none", "all": "every layer"}.get(every, f"1 layer in {every}")
+
+
+def _least_checkpointing(cfg: Config, args: argparse.Namespace, world: int, backend: str, limit: float):
+    """The fewest checkpointed layers (each costs a recomputed forward) whose plan fits ``limit``, or None."""
+    for every in ("none", 8, 4, 3, 2, "all"):
+        if make_plan(_with_checkpointing(cfg, every), args, world, args.micro_batch, backend).total <= limit:
+            return every
+    return None
+
+
 def _print_plan(cfg: Config, args: argparse.Namespace, world: int) -> int:
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     try:
@@ -214,13 +226,17 @@ def _print_plan(cfg: Config, args: argparse.Namespace, world: int) -> int:
     for every in ("none", 2, "all"):  # the same run with each setting, side by side
         other = make_plan(_with_checkpointing(cfg, every), args, world, args.micro_batch, backend)
         record["checkpointing"][str(every)] = {"activations": other.activations, "total": other.total}
-        name = "every 2nd layer" if every == 2 else every
-        print(f"  {name:<16} activations {other.activations / GIB:8.3f} GiB   peak {other.total / GIB:8.3f} GiB")
+        acts, total = other.activations / GIB, other.total / GIB
+        print(f"  {_describe(every):<16} activations {acts:8.3f} GiB  peak {total:8.3f} GiB")
     if args.memory_limit_gib is not None:
         limit = args.memory_limit_gib * GIB
         best = max_micro_batch(lambda m: make_plan(cfg, args, world, m, backend), limit)
         print(f"largest micro-batch within {args.memory_limit_gib:g} GiB by the plan: {best}")
         record["plan_max_micro_batch"] = best
+        least = _least_checkpointing(cfg, args, world, backend, limit)
+        record["plan_least_checkpointing"] = least
+        what = "none fits" if least is None else _describe(least)
+        print(f"least checkpointing for micro-batch {args.micro_batch} within {args.memory_limit_gib:g} GiB: {what}")
     write_json(args.json, record)
     return 0
 

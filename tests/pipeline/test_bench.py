@@ -110,7 +110,7 @@ def test_plan_only_dinat_large_bf16_zero2(tmp_path, capsys):
     assert (plan["master"], plan["moments"]) == (4 * math.ceil(psi / 8), 8 * math.ceil(psi / 8))
     assert plan["buffers_backward"] == 2 * 5e8  # one bf16 reduce bucket (overlap_comm off by default)
     out = capsys.readouterr().out
-    assert "predicted peak" in out and "every 2nd layer" in out
+    assert "predicted peak" in out and "1 layer in 2" in out
     # the same plan with each checkpointing setting: activations shrink, model states stay
     ckpt = json.loads(path.read_text())["checkpointing"]
     assert ckpt["none"]["activations"] == plan["activations"]
@@ -186,3 +186,41 @@ def test_compile_runs_compiled_graphs(tmp_path):
     rec = _run(tmp_path, "--compile")
     assert rec["config"]["compile"] is True and rec["results"][0]["step_s"] > 0
     assert counters["stats"]["unique_graphs"] > 0
+
+
+def _plan(tmp_path, *extra: str) -> dict:
+    path = tmp_path / "plan.json"
+    assert (
+        main(
+            [
+                "--plan",
+                "--variant",
+                "dinat_mini",
+                "--resolution",
+                "224",
+                "--micro-batch",
+                "32",
+                *extra,
+                "--json",
+                str(path),
+            ]
+        )
+        == 0
+    )
+    return json.loads(path.read_text())
+
+
+def test_plan_least_checkpointing_that_fits(tmp_path, capsys):
+    ckpt = _plan(tmp_path)["checkpointing"]
+    # a limit that every 2nd layer meets and no checkpointing does not: the least lies in between
+    limit = (ckpt["2"]["total"] + ckpt["none"]["total"]) / 2 / GIB
+    rec = _plan(tmp_path, "--memory-limit-gib", str(limit))
+    least = rec["plan_least_checkpointing"]
+    assert least in (8, 4, 3, 2)
+    fits = _plan(tmp_path, "--activation-checkpointing", str(least))["plan"]["total"]
+    order = ["none", 8, 4, 3, 2]
+    before = order[order.index(least) - 1]  # the next-fewer checkpointed layers do not fit
+    assert fits <= limit * GIB < _plan(tmp_path, "--activation-checkpointing", str(before))["plan"]["total"]
+    assert f"least checkpointing for micro-batch 32 within {limit:g} GiB: 1 layer in {least}" in capsys.readouterr().out
+    assert _plan(tmp_path, "--memory-limit-gib", "1000")["plan_least_checkpointing"] == "none"
+    assert _plan(tmp_path, "--memory-limit-gib", "0.01")["plan_least_checkpointing"] is None
