@@ -52,6 +52,18 @@ class ModelConfig:
         except (TypeError, ValueError) as e:
             raise ConfigError(f"model.overrides: {e}") from None
 
+    def dinat_fields(self) -> dict[str, Any]:
+        """The DinatConfig fields this section sets: ``overrides`` plus the named keys."""
+        fields = dict(
+            self.overrides,
+            attention_backend=self.attention_backend,
+            activation_checkpointing=self.activation_checkpointing,
+            use_rpb=self.use_rpb,
+        )
+        if self.drop_path_rate is not None:
+            fields["drop_path_rate"] = self.drop_path_rate
+        return fields
+
 
 @dataclass
 class DataConfig:

@@ -25,11 +25,11 @@ import dinat.flops
 
 from .checkpoint import Checkpointer
 from .config import Config, ConfigError, resolve_batch, save_config
-from .data.build import eval_stream, make_synthetic_if_requested, resolve_dataset, train_stream
+from .data.build import eval_stream, make_synthetic_if_requested, resolve_dataset, train_augment, train_stream
 from .data.loader import StreamPosition, build_loader
 from .data.transforms import DeviceAugment
 from .distributed import DistInfo
-from .engine import Schedule, build_engine, resolve_precision
+from .engine import PRECISION_DTYPES, Schedule, build_engine, resolve_precision
 from .evaluate import evaluate
 from .metrics import Metrics, StepTimer, mfu, peak_flops
 
@@ -120,18 +120,8 @@ class Trainer:
         self.engine, _, self.scheduler = build_engine(
             cfg, self.model, info, self.micro, self.accum, self.global_batch, self.schedule
         )
-        dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(self.precision, torch.float32)
-        d = cfg.data
-        self.augment = DeviceAugment(
-            self.dataset.num_classes,
-            info.device,
-            training=True,
-            mixup_alpha=d.mixup,
-            cutmix_alpha=d.cutmix,
-            label_smoothing=d.label_smoothing,
-            re_prob=d.re_prob,
-            dtype=dtype,
-        )
+        dtype = PRECISION_DTYPES[self.precision]
+        self.augment = train_augment(cfg.data, self.dataset.num_classes, info.device, dtype)
         self.eval_augment = DeviceAugment(self.dataset.num_classes, info.device, training=False, dtype=dtype)
         self.checkpointer = Checkpointer(self.run_dir / "checkpoints", cfg.train.keep_checkpoints, info)
         self.metrics = Metrics(self.run_dir / "tensorboard", info, enabled=cfg.run.tensorboard)
@@ -141,7 +131,7 @@ class Trainer:
         self._rng_to_restore = None
         self.stop_signal = 0
         self._saved_step: int | None = None
-        flops = dinat.flops.train_step_flops(self.model.config, d.image_size, self.global_batch)
+        flops = dinat.flops.train_step_flops(self.model.config, cfg.data.image_size, self.global_batch)
         self.useful_flops_per_step = flops["useful"]
         self.peak = peak_flops(info.device, dtype)
 
@@ -164,15 +154,10 @@ class Trainer:
     def _build_model(self) -> torch.nn.Module:
         m = self.cfg.model
         overrides = dict(
-            m.overrides,
+            m.dinat_fields(),
             num_labels=self.dataset.num_classes,
-            attention_backend=m.attention_backend,
-            activation_checkpointing=m.activation_checkpointing,
-            use_rpb=m.use_rpb,
             id2label={c["index"]: c["name"] for c in self.dataset.classes},
         )
-        if m.drop_path_rate is not None:
-            overrides["drop_path_rate"] = m.drop_path_rate
         if m.init_from:
             overrides.pop("num_labels")
             model = dinat.DinatForImageClassification.from_pretrained(m.init_from, **overrides)

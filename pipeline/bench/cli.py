@@ -18,7 +18,8 @@ import dinat
 from dinat.variants import default_resolution
 
 from ..config import Config, ConfigError, load_config
-from .memory_plan import GIB, MemoryPlan, ZeroSettings, max_micro_batch, plan_memory
+from .memory_plan import GIB, MemoryPlan, ZeroSettings, plan_memory
+from .search import max_micro_batch
 
 logger = logging.getLogger("pipeline.bench")
 
@@ -127,18 +128,10 @@ def build_config(args: argparse.Namespace, world_size: int) -> Config:
     return load_config(args.config, overrides)
 
 
-def resolved_backend(requested: str, device: torch.device, use_rpb: bool) -> str:
-    return dinat.resolve_backend(requested, use_rpb, 0.0, device)
-
-
 def make_plan(cfg: Config, args: argparse.Namespace, world_size: int, micro: int, backend: str) -> MemoryPlan:
-    m = cfg.model
-    fields = {**m.overrides, "activation_checkpointing": m.activation_checkpointing, "use_rpb": m.use_rpb}
-    if m.drop_path_rate is not None:
-        fields["drop_path_rate"] = m.drop_path_rate
-    config = dinat.variant_config(m.name, **fields)
+    config = dinat.variant_config(cfg.model.name, **cfg.model.dinat_fields())
     zero = ZeroSettings.from_deepspeed(cfg.deepspeed, world_size)
-    return plan_memory(config, m.name, args.resolution, micro, args.precision, backend, zero)
+    return plan_memory(config, cfg.model.name, args.resolution, micro, args.precision, backend, zero)
 
 
 def _with_checkpointing(cfg: Config, every: str | int) -> Config:
@@ -214,7 +207,7 @@ def _least_checkpointing(cfg: Config, args: argparse.Namespace, world: int, back
 def _print_plan(cfg: Config, args: argparse.Namespace, world: int) -> int:
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     try:
-        backend = resolved_backend(args.attention_backend, device, cfg.model.use_rpb)
+        backend = dinat.resolve_backend(args.attention_backend, cfg.model.use_rpb, 0.0, device)
     except ValueError as e:
         print(f"dinat-bench: --attention-backend: {e}", file=sys.stderr)
         return 2

@@ -223,15 +223,3 @@ def plan_memory(
         inputs=acts["input"],
         **states,
     )
-
-
-def max_micro_batch(plan_at, limit_bytes: float, upper: int = 65536) -> int:
-    """Largest micro-batch m with ``plan_at(m).total <= limit_bytes`` (0 if none); ``plan_at`` is monotonic in m."""
-    lo, hi = 0, 1
-    while hi <= upper and plan_at(hi).total <= limit_bytes:
-        lo, hi = hi, hi * 2
-    hi = min(hi, upper + 1)
-    while hi - lo > 1:
-        mid = (lo + hi) // 2
-        lo, hi = (mid, hi) if plan_at(mid).total <= limit_bytes else (lo, mid)
-    return lo

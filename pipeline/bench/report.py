@@ -9,13 +9,16 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
+import dinat
+
 from ..config import Config
 from ..distributed import DistInfo, init_distributed, setup_logging
+from ..engine import PRECISION_DTYPES
 from ..metrics import mfu, peak_flops
-from .cli import environment, make_plan, resolved_backend, write_json
-from .memory_plan import GIB, max_micro_batch
-from .search import find_max, trial
-from .steps import DTYPES, RunSpec, bench_model
+from .cli import environment, make_plan, write_json
+from .memory_plan import GIB
+from .search import find_max, max_micro_batch, trial
+from .steps import RunSpec, bench_model
 
 logger = logging.getLogger("pipeline.bench")
 
@@ -23,7 +26,7 @@ logger = logging.getLogger("pipeline.bench")
 def figures(raw: dict[str, Any], info: DistInfo, precision: str, micro: int, peak_tflops: float | None) -> dict:
     """Per-GPU and total images/s, achieved TFLOP/s, MFU and hardware-FLOPs utilisation of one model."""
     flops, step = raw["flops"], raw["step_s"]
-    peak = peak_flops(info.device, DTYPES[precision], None if peak_tflops is None else peak_tflops * 1e12)
+    peak = peak_flops(info.device, PRECISION_DTYPES[precision], None if peak_tflops is None else peak_tflops * 1e12)
     out = {k: v for k, v in raw.items() if k != "flops"}
     out["images_per_s_per_gpu"] = micro / step
     out["images_per_s"] = micro * info.world_size / step
@@ -85,6 +88,7 @@ def _search(cfg: Config, args: argparse.Namespace, info: DistInfo, backend: str)
         result = trial(cfg, args.variant, info, spec, limit if args.memory_limit_gib is not None else None)
         result["plan_total_bytes"] = make_plan(cfg, args, info.world_size, micro, backend).total
         trials.append(result)
+        logger.info("micro-batch %d: %s", micro, "fits" if result["fits"] else "does not fit")
         return result["fits"]
 
     best, _ = find_max(fits, max(guess, 1))
@@ -97,7 +101,7 @@ def run(cfg: Config, args: argparse.Namespace) -> int:
     info = init_distributed()
     setup_logging(info)
     logging.getLogger("DeepSpeed").setLevel(logging.WARNING)  # its per-engine INFO lines would bury the table
-    backend = resolved_backend(args.attention_backend, info.device, cfg.model.use_rpb)
+    backend = dinat.resolve_backend(args.attention_backend, cfg.model.use_rpb, 0.0, info.device)
     record: dict[str, Any] = {"tool": "dinat-bench", "argv": args.argv, **environment(info.device, info.world_size)}
     record["config"] = {
         "variant": args.variant,

@@ -7,7 +7,6 @@ measured peak above ``limit_bytes`` (how the search is exercised on CPU), as not
 
 from __future__ import annotations
 
-import logging
 from collections.abc import Callable
 
 import torch
@@ -15,9 +14,8 @@ import torch.distributed as dist
 
 from ..config import Config
 from ..distributed import DistInfo
+from .memory_plan import MemoryPlan
 from .steps import RunSpec, bench_model, free_memory
-
-logger = logging.getLogger(__name__)
 
 
 def find_max(fits: Callable[[int], bool], guess: int, cap: int = 65536) -> tuple[int, list[tuple[int, bool]]]:
@@ -30,7 +28,6 @@ def find_max(fits: Callable[[int], bool], guess: int, cap: int = 65536) -> tuple
         if m not in known:
             known[m] = fits(m)
             probes.append((m, known[m]))
-            logger.info("micro-batch %d: %s", m, "fits" if known[m] else "does not fit")
         return known[m]
 
     m = min(max(1, guess), cap)
@@ -49,6 +46,11 @@ def find_max(fits: Callable[[int], bool], guess: int, cap: int = 65536) -> tuple
         mid = (lo + hi) // 2
         lo, hi = (mid, hi) if probe(mid) else (lo, mid)
     return lo, probes
+
+
+def max_micro_batch(plan_at: Callable[[int], MemoryPlan], limit_bytes: float) -> int:
+    """Largest micro-batch m with ``plan_at(m).total <= limit_bytes`` (0 if none)."""
+    return find_max(lambda m: plan_at(m).total <= limit_bytes, 1)[0]
 
 
 def trial(cfg: Config, variant: str, info: DistInfo, spec: RunSpec, limit_bytes: float | None) -> dict:

@@ -23,13 +23,12 @@ from dinat.modeling import classification_loss
 
 from ..config import Config
 from ..distributed import DistInfo
-from ..engine import Schedule, build_engine
+from ..engine import PRECISION_DTYPES, Schedule, build_engine
 from ..metrics import StepTimer
 from .measure import NewTensorMemory, live_storages, live_tensors
 
 logger = logging.getLogger(__name__)
 
-DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 Batches = Iterator[tuple[torch.Tensor, torch.Tensor]]
 
 
@@ -89,16 +88,9 @@ def build_model(cfg: Config, name: str, info: DistInfo, resolution: int, num_lab
     if name != m.name:
         labels = num_labels or dinat.variant_config(m.name, **m.overrides).n_labels
         return TimmClassifier(name, labels, resolution, m.activation_checkpointing != "none").to(info.device)
-    overrides = dict(
-        m.overrides,
-        attention_backend=m.attention_backend,
-        activation_checkpointing=m.activation_checkpointing,
-        use_rpb=m.use_rpb,
-    )
+    overrides = m.dinat_fields()
     if num_labels is not None:
         overrides["num_labels"] = num_labels
-    if m.drop_path_rate is not None:
-        overrides["drop_path_rate"] = m.drop_path_rate
     return dinat.create_model(m.name, device=info.device, **overrides).to(info.device)
 
 
@@ -210,22 +202,12 @@ class RunSpec:
 
 def real_batches(cfg: Config, info: DistInfo, spec: RunSpec) -> tuple[Batches, int]:
     """(batches, number of classes) from ``cfg.data`` through the training input pipeline (loader, device augment)."""
-    from ..data.build import resolve_dataset, train_stream
+    from ..data.build import resolve_dataset, train_augment, train_stream
     from ..data.loader import build_loader
-    from ..data.transforms import DeviceAugment
 
     dataset = resolve_dataset(cfg.data)
-    d = cfg.data
-    augment = DeviceAugment(
-        dataset.num_classes,
-        info.device,
-        mixup_alpha=d.mixup,
-        cutmix_alpha=d.cutmix,
-        label_smoothing=d.label_smoothing,
-        re_prob=d.re_prob,
-        dtype=DTYPES[spec.precision],
-    )
-    stream = train_stream(d, dataset, info, spec.micro, cfg.train.seed)
+    augment = train_augment(cfg.data, dataset.num_classes, info.device, PRECISION_DTYPES[spec.precision])
+    stream = train_stream(cfg.data, dataset, info, spec.micro, cfg.train.seed)
 
     def batches() -> Batches:
         while True:
@@ -256,7 +238,7 @@ def bench_model(cfg: Config, name: str, info: DistInfo, spec: RunSpec) -> dict:
         labels = model.model.num_classes
         flops = timm_step_flops(name, labels, spec.resolution, spec.micro, ac != "none")
     if spec.data is None:
-        batches = synthetic_batches(spec.micro, spec.resolution, labels, info.device, DTYPES[spec.precision])
+        batches = synthetic_batches(spec.micro, spec.resolution, labels, info.device, PRECISION_DTYPES[spec.precision])
     params = sum(p.numel() for p in model.parameters())
     engine = make_engine(cfg, model, info, spec.micro)
     if info.device.type == "cuda":

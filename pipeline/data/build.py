@@ -7,12 +7,14 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import torch
+
 from ..config import ConfigError, DataConfig
 from ..distributed import DistInfo
 from .loader import ShardStream, list_shards
 from .manifest import CLASSES_NAME, MANIFEST_NAME, read_classes
 from .plan import Shard
-from .transforms import eval_transform, train_transform
+from .transforms import DeviceAugment, eval_transform, train_transform
 
 logger = logging.getLogger(__name__)
 
@@ -68,6 +70,20 @@ def resolve_dataset(data: DataConfig) -> Dataset:
     except ValueError as e:
         raise ConfigError(f"data: {e}") from None
     return Dataset(train, val, classes)
+
+
+def train_augment(data: DataConfig, num_classes: int, device: torch.device, dtype: torch.dtype) -> DeviceAugment:
+    """The on-device half of the training recipe (normalise, erase, Mixup/CutMix, label smoothing)."""
+    return DeviceAugment(
+        num_classes,
+        device,
+        training=True,
+        mixup_alpha=data.mixup,
+        cutmix_alpha=data.cutmix,
+        label_smoothing=data.label_smoothing,
+        re_prob=data.re_prob,
+        dtype=dtype,
+    )
 
 
 def train_stream(

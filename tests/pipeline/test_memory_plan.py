@@ -5,13 +5,15 @@ from pathlib import Path
 
 import pytest
 import torch
+from torch.multiprocessing.reductions import StorageWeakRef
 
 import dinat
 import pipeline.engine
 from pipeline.bench.activations import activation_memory
-from pipeline.bench.measure import NewTensorMemory, engine_state_bytes, live_storages
-from pipeline.bench.memory_plan import MemoryPlan, ZeroSettings, max_micro_batch, plan_memory, state_memory
-from pipeline.bench.steps import DTYPES, build_model, make_engine, synthetic_batches, train_step
+from pipeline.bench.measure import NewTensorMemory, live_storages
+from pipeline.bench.memory_plan import MemoryPlan, ZeroSettings, plan_memory, state_memory
+from pipeline.bench.search import max_micro_batch
+from pipeline.bench.steps import build_model, make_engine, synthetic_batches, train_step
 from pipeline.config import load_config
 
 from .ds_helpers import run_ranks
@@ -86,6 +88,37 @@ def test_activation_peak_matches_a_measured_step(name, res, batch, checkpointing
         assert plan["peak"] < activation_memory(unchecked, res, batch, "reference", 4)["peak"]
 
 
+def storage_bytes(tensors, exclude: set[int] | None = None) -> int:
+    """Bytes of the unique storages of ``tensors`` (those in ``exclude`` left out; ids are added to it)."""
+    seen = set() if exclude is None else exclude
+    total = 0
+    for t in tensors:
+        key = StorageWeakRef(t.untyped_storage()).cdata
+        if key not in seen:
+            seen.add(key)
+            total += t.untyped_storage().nbytes()
+    return total
+
+
+def engine_state_bytes(engine) -> dict[str, int]:
+    """Bytes this rank holds of model parameters (ZeRO-3: its partitions plus whole persistent ones), fp32
+    master weights and Adam moments of a DeepSpeed engine, read from DeepSpeed's own attributes."""
+    seen: set[int] = set()
+    params = list(engine.module.parameters())
+    partitions = [p.ds_tensor for p in params if getattr(p, "ds_tensor", None) is not None]
+    out = {"params": storage_bytes([p for p in params if p.numel() > 0] + partitions, seen)}
+    opt = engine.optimizer
+    master: list[torch.Tensor] = []
+    for name in ("single_partition_of_fp32_groups", "fp32_partitioned_groups_flat", "fp32_groups"):
+        for group in getattr(opt, name, None) or []:
+            master.extend(group if isinstance(group, list) else [group])
+    out["master"] = storage_bytes(master, seen)
+    inner = getattr(opt, "optimizer", opt)  # the torch optimizer inside DeepSpeed's wrapper
+    moments = [t for state in inner.state.values() for t in state.values() if torch.is_tensor(t) and t.numel() > 1]
+    out["moments"] = storage_bytes(moments, seen)
+    return out
+
+
 def _engine_states(info, stage: int, precision: str, extra: list[str] = ()) -> dict:
     """Model-state bytes of a real engine (dinat_debug, micro-batch 2 at 64 px) and the plan's, on this rank."""
     cfg = load_config(
@@ -105,7 +138,7 @@ def _engine_states(info, stage: int, precision: str, extra: list[str] = ()) -> d
     model = build_model(cfg, "dinat_debug", info, 64, None)
     numels = [p.numel() for p in model.parameters()]
     engine = make_engine(cfg, model, info, 2)
-    batches = synthetic_batches(2, 64, 10, info.device, DTYPES[precision])
+    batches = synthetic_batches(2, 64, 10, info.device, pipeline.engine.PRECISION_DTYPES[precision])
     train_step(engine, *next(batches), None)  # Adam's moments exist after a first step
     x, y = next(batches)
     engine.backward(engine(x, labels=y).loss)

@@ -128,25 +128,32 @@ def test_pretrain_two_nodes_requeue_then_export(slurm, tmp_path):
             assert key.endswith(".rpb") and not value.any(), key
 
 
+def submit_shards(slurm, tmp_path, array: str, name: str, *args: str, env: str = "ALL") -> tuple[str, str]:
+    """shards.sbatch as an array, and the merge job that depends on it: (array job id, merge job id)."""
+    out = args[1]
+    tasks = slurm.sbatch(
+        f"--array={array}", f"--export={env}", *CPU_JOB, f"--output={tmp_path}/{name}-%a.out",
+        "slurm/shards.sbatch", *args, cwd=ROOT,
+    )  # fmt: skip
+    merge = slurm.sbatch(
+        f"--dependency=afterok:{tasks}", *CPU_JOB, f"--output={tmp_path}/{name}-merge.out",
+        "slurm/shards.sbatch", "--merge", out, cwd=ROOT,
+    )  # fmt: skip
+    return tasks, merge
+
+
 def test_shards_array_then_merge(slurm, tmp_path):
     src = tmp_path / "raw"
     make_tars(src, {f"n{i:08d}": 14 for i in range(6)})
     common = ["--val-per-class", "2", "--shard-samples", "8", "--seed", "3"]
     out = tmp_path / "shards"
-    array = slurm.sbatch(
-        "--array=0-2", *CPU_JOB, f"--output={tmp_path}/shards-%a.out",
-        "slurm/shards.sbatch", str(src), str(out), *common, cwd=ROOT,
-    )  # fmt: skip
-    merge = slurm.sbatch(
-        f"--dependency=afterok:{array}", *CPU_JOB, f"--output={tmp_path}/merge.out",
-        "slurm/shards.sbatch", "--merge", str(out), cwd=ROOT,
-    )  # fmt: skip
+    array, merge = submit_shards(slurm, tmp_path, "0-2", "shards", str(src), str(out), *common)
     slurm.wait(array, 300)
     tasks = slurm.array_jobs(array)
     assert sorted(t["ArrayTaskId"] for t in tasks) == ["0", "1", "2"]
     assert {(t["JobState"], t["ExitCode"]) for t in tasks} == {("COMPLETED", "0:0")}
     job = slurm.wait(merge, 120)
-    assert (job["JobState"], job["ExitCode"]) == ("COMPLETED", "0:0"), (tmp_path / "merge.out").read_text()
+    assert (job["JobState"], job["ExitCode"]) == ("COMPLETED", "0:0"), (tmp_path / "shards-merge.out").read_text()
     assert sorted(p.name for p in out.glob("manifest.part-*.json")) == [
         f"manifest.part-{i:05d}-of-00003.json" for i in range(3)
     ]
@@ -161,15 +168,8 @@ def test_shards_array_then_merge(slurm, tmp_path):
     part1 = read_manifest(out / "manifest.part-00001-of-00003.json")
     lost = part1["splits"]["train"]["shards"][0]["name"]
     (out / lost).unlink()
-    rerun = slurm.sbatch(
-        "--array=1", "--export=ALL,SHARD_PARTS=3", *CPU_JOB, f"--output={tmp_path}/rerun.out",
-        "slurm/shards.sbatch", str(src), str(out), *common, cwd=ROOT,
-    )  # fmt: skip
-    merge = slurm.sbatch(
-        f"--dependency=afterok:{rerun}", *CPU_JOB, f"--output={tmp_path}/merge2.out",
-        "slurm/shards.sbatch", "--merge", str(out), cwd=ROOT,
-    )  # fmt: skip
+    _, merge = submit_shards(slurm, tmp_path, "1", "rerun", str(src), str(out), *common, env="ALL,SHARD_PARTS=3")
     assert slurm.wait(merge, 120)["JobState"] == "COMPLETED"
     kept = sum(len(part1["splits"][s]["shards"]) for s in ("train", "val")) - 1
-    assert f"shards: 1 written, {kept} kept (verified)" in (tmp_path / "rerun.out").read_text()
+    assert f"shards: 1 written, {kept} kept (verified)" in (tmp_path / "rerun-1.out").read_text()
     assert read_manifest(out)["splits"] == single["splits"]
