@@ -9,6 +9,7 @@ from __future__ import annotations
 import datetime
 import logging
 import os
+import socket
 from dataclasses import dataclass
 
 import torch
@@ -68,6 +69,41 @@ def init_distributed(timeout_minutes: int = 30) -> DistInfo:
     if (info.rank, info.world_size) != (rank, world):
         raise RuntimeError(f"process group says rank {info.rank}/{info.world_size}, environment {rank}/{world}")
     return info
+
+
+def connect_store(timeout_s: float = 10.0) -> dist.Store:
+    """A new client of the job's rendezvous store (the TCPStore at MASTER_ADDR:MASTER_PORT that rank 0, or the
+    launcher's agent, hosts). Its own connection: a store client must not be shared between threads."""
+    return dist.TCPStore(
+        os.environ["MASTER_ADDR"],
+        int(os.environ["MASTER_PORT"]),
+        is_master=False,
+        timeout=datetime.timedelta(seconds=timeout_s),
+        wait_for_workers=False,
+    )
+
+
+@dataclass(frozen=True)
+class JobIdentity:
+    """Who is running: names the owner of a run directory in errors, and tells a live owner from a dead one."""
+
+    host: str
+    pid: int
+    job: str = ""  # Slurm's job id ("" outside Slurm)
+    restart: int = 0  # Slurm's restart count of that job
+
+    def describe(self) -> str:
+        job = f"Slurm job {self.job} (restart {self.restart}), " if self.job else ""
+        return f"{job}host {self.host}, pid {self.pid}"
+
+
+def job_identity() -> JobIdentity:
+    return JobIdentity(
+        host=socket.gethostname(),
+        pid=os.getpid(),
+        job=os.environ.get("SLURM_JOB_ID", ""),
+        restart=_env_int("SLURM_RESTART_COUNT", default=0),
+    )
 
 
 class RankFilter(logging.Filter):

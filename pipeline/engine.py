@@ -11,7 +11,7 @@ from typing import Any
 
 import torch
 
-from .config import Config
+from .config import Config, ConfigError
 from .distributed import DistInfo
 
 logger = logging.getLogger(__name__)
@@ -49,10 +49,21 @@ PRECISION_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch
 
 
 def resolve_precision(precision: str, device: torch.device) -> str:
+    """``auto``: bf16 on GPUs, fp32 on CPUs. Any precision DeepSpeed's accelerator runs is allowed (bf16 runs on
+    CPUs too); the others are a ConfigError naming the device."""
     if precision == "auto":
         return "bf16" if device.type == "cuda" else "fp32"
-    if precision in ("bf16", "fp16") and device.type != "cuda":
-        raise ValueError(f"train.precision={precision} needs a GPU; use fp32 (or auto) on CPU")
+    if precision == "fp32":
+        return precision
+    from deepspeed.accelerator import get_accelerator
+
+    accelerator = get_accelerator()
+    supported = accelerator.is_bf16_supported() if precision == "bf16" else accelerator.is_fp16_supported()
+    if not supported:
+        raise ConfigError(
+            f"train.precision: DeepSpeed does not run {precision} on this {accelerator.device_name()} device; "
+            f"use {'bf16 or ' if accelerator.is_bf16_supported() else ''}fp32"
+        )
     return precision
 
 

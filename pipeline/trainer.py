@@ -10,7 +10,6 @@ import logging
 import math
 import os
 import random
-import signal
 import sys
 import uuid
 from pathlib import Path
@@ -28,32 +27,36 @@ from .config import Config, ConfigError, resolve_batch, save_config
 from .data.build import eval_stream, make_synthetic_if_requested, resolve_dataset, train_augment, train_stream
 from .data.loader import StreamPosition, build_loader
 from .data.transforms import DeviceAugment
-from .distributed import DistInfo
+from .distributed import DistInfo, job_identity
 from .engine import PRECISION_DTYPES, Schedule, build_engine, resolve_precision
 from .evaluate import evaluate
+from .lifecycle import EXIT_FAILURE, EXIT_OK, EXIT_REQUEUE, Lifecycle
 from .metrics import Metrics, StepTimer, mfu, peak_flops
+from .run_claim import RunClaim, RunDirBusy
 
 logger = logging.getLogger(__name__)
-
-EXIT_REQUEUE = 75  # EX_TEMPFAIL: checkpointed on a signal; requeue the job to continue
 
 
 class NonFiniteLossError(RuntimeError):
     pass
 
 
-def prepare_run_dir(path: str, info: DistInfo) -> Path:
-    """Create the run directory and check that every rank can write there and sees what rank 0 writes
-    (checkpoints are written by all ranks and read back by all: on several nodes it must be a shared
-    filesystem, not a node-local /tmp). All ranks fail alike, with the first rank's reason."""
+def prepare_run_dir(path: str, info: DistInfo) -> tuple[Path, RunClaim | None]:
+    """Create the run directory, claim it for this job (rank 0; see :mod:`pipeline.run_claim`) and check that
+    every rank can write there and sees what rank 0 writes (checkpoints are written by all ranks and read back
+    by all: on several nodes it must be a shared filesystem, not a node-local /tmp). All ranks fail alike, with
+    the first rank's reason. Returns (directory, rank 0's claim)."""
     run_dir = Path(path)
-    error = ""
+    error, claim = "", None
     token = [uuid.uuid4().hex]
     if info.world_size > 1:
         dist.broadcast_object_list(token, src=0)
     marker = run_dir / f".shared-check-{token[0]}"
     try:
         run_dir.mkdir(parents=True, exist_ok=True)
+        if info.is_main:
+            claim = RunClaim(run_dir, job_identity())
+            claim.acquire()
         probe = run_dir / f".write-test-{info.rank}-{os.getpid()}"
         probe.write_text("ok")
         probe.unlink()
@@ -61,6 +64,8 @@ def prepare_run_dir(path: str, info: DistInfo) -> Path:
             marker.write_text(token[0])
     except OSError as e:
         error = f"run.output_dir: {run_dir} is not writable ({e.strerror})"
+    except RunDirBusy as e:
+        error = str(e)
     info.barrier()
     if not error and not marker.is_file():
         error = (
@@ -75,8 +80,10 @@ def prepare_run_dir(path: str, info: DistInfo) -> Path:
     if info.is_main:
         marker.unlink(missing_ok=True)
     if any(errors):
+        if claim is not None and claim.path.is_file():
+            claim.release()
         raise ConfigError(next(e for e in errors if e))
-    return run_dir
+    return run_dir, claim
 
 
 def rng_state() -> dict[str, Any]:
@@ -95,9 +102,9 @@ def set_rng_state(state: dict[str, Any]) -> None:
 
 
 class Trainer:
-    def __init__(self, cfg: Config, info: DistInfo):
-        self.cfg, self.info = cfg, info
-        self.run_dir = prepare_run_dir(cfg.run.output_dir, info)
+    def __init__(self, cfg: Config, info: DistInfo, life: Lifecycle):
+        self.cfg, self.info, self.life = cfg, info, life
+        # Everything a configuration can get wrong is checked before the run directory is touched.
         make_synthetic_if_requested(cfg.data, info)
         self.dataset = resolve_dataset(cfg.data)
         self.micro, self.accum, self.global_batch = resolve_batch(cfg.train, info.world_size)
@@ -111,6 +118,10 @@ class Trainer:
                 hub_token(cfg.run.push_to)
             except ValueError as e:
                 raise ConfigError(f"run.push_to: {e}") from None
+        self.run_dir, self.claim = prepare_run_dir(cfg.run.output_dir, info)
+        if self.claim is not None:
+            self.claim.on_lost = lambda message: self.life.fail(EXIT_FAILURE, message)
+            self.life.on_exit(self.claim.release)
         if info.is_main:
             save_config(cfg, self.run_dir / "config.yaml")
         torch.manual_seed(cfg.train.seed)
@@ -129,7 +140,6 @@ class Trainer:
         self.position = StreamPosition(cfg.data.mode, cfg.data.workers)
         self._data_state = None
         self._rng_to_restore = None
-        self.stop_signal = 0
         self._saved_step: int | None = None
         flops = dinat.flops.train_step_flops(self.model.config, cfg.data.image_size, self.global_batch)
         self.useful_flops_per_step = flops["useful"]
@@ -197,14 +207,10 @@ class Trainer:
             self.position.next_epoch()
             stream.set_epoch(self.position.epoch)
 
-    def _on_signal(self, signum, _frame) -> None:
-        self.stop_signal = signum  # only a flag: logging is not safe inside a signal handler
-
     def run(self) -> int:
-        for sig in (signal.SIGTERM, signal.SIGUSR1):
-            signal.signal(sig, self._on_signal)
         self.resume()
         batches = self._batches()
+        self.life.training()  # a stop signal now checkpoints; before, it ended the start-up at once
         timer = StepTimer(torch.cuda.synchronize if self.info.device.type == "cuda" else None)
         window: list[float] = []
         bar = self._progress_bar()
@@ -223,8 +229,9 @@ class Trainer:
             if self._stop_requested():
                 logger.warning("stop signal received: checkpointing at step %d", self.step)
                 self.save()
+                self.life.finishing()
                 logger.warning("stopped by signal at step %d; exit %d to be requeued", self.step, EXIT_REQUEUE)
-                self.metrics.close()
+                self._close()
                 return EXIT_REQUEUE
             if self.step % self.cfg.train.checkpoint_every == 0:
                 self.save()
@@ -237,10 +244,16 @@ class Trainer:
 
             out = export_checkpoint(final, self.run_dir / "export", push_to=self.cfg.run.push_to)
             logger.info("exported %s", out)
+        self.life.finishing()
         self.info.barrier()
-        self.metrics.close()
+        self._close()
         logger.info("done: %d steps; TensorBoard logs in %s", self.step, self.run_dir / "tensorboard")
-        return 0
+        return EXIT_OK
+
+    def _close(self) -> None:
+        self.metrics.close()
+        if self.claim is not None:
+            self.claim.release()
 
     def train_step(self, batches, timer) -> float:
         """One optimizer step over ``accum`` micro-batches; returns the mean loss (all ranks)."""
@@ -288,7 +301,7 @@ class Trainer:
             )
 
     def _stop_requested(self) -> bool:
-        flag = torch.tensor([self.stop_signal], dtype=torch.int32)
+        flag = torch.tensor([self.life.stop_signal], dtype=torch.int32)
         if self.info.world_size > 1:
             dist.all_reduce(flag, op=dist.ReduceOp.MAX)
         return bool(flag.item())

@@ -30,6 +30,7 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from webdataset.shardlists import expand_urls
 from webdataset.tariterators import tarfile_samples
 
+from ..lifecycle import die_with_parent
 from .manifest import MANIFEST_NAME, read_manifest
 from .plan import Shard, chunk_rng, epoch_plan, resampled_shard, round_robin_next
 
@@ -295,11 +296,13 @@ class StreamPosition:
         self.counters, self.skipped_before = {}, state.get("skipped", 0)
 
 
-def _leave_stop_signals_to_main(_worker_id: int) -> None:
+def _worker_init(_worker_id: int) -> None:
     """Slurm sends TERM (preemption, requeue) to every process of a job step, workers included: they ignore
-    it (and USR1), so the main process can checkpoint; it shuts them down when it exits."""
+    it (and USR1), so the main process can checkpoint. The main process kills them when it ends, and the
+    kernel kills them if it dies (SIGKILL, OOM) before it can."""
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
     signal.signal(signal.SIGUSR1, signal.SIG_IGN)
+    die_with_parent()
 
 
 def build_loader(dataset: ShardStream, pin_memory: bool = False, prefetch_factor: int = 4) -> DataLoader:
@@ -312,6 +315,6 @@ def build_loader(dataset: ShardStream, pin_memory: bool = False, prefetch_factor
         pin_memory=pin_memory,
         prefetch_factor=prefetch_factor if workers else None,
         persistent_workers=False,
-        worker_init_fn=_leave_stop_signals_to_main,
+        worker_init_fn=_worker_init,
         generator=torch.Generator().manual_seed(dataset.seed),  # leaves the global RNG (DropPath, Mixup) alone
     )
