@@ -4,23 +4,17 @@ Each rank is its own ``python -m pipeline.train`` process with RANK / WORLD_SIZE
 torchrun would, so exit codes and signals reach the tests directly.
 """
 
-import os
+import re
 import shutil
 import signal
-import subprocess
-import sys
-import time
-from pathlib import Path
 
 import pytest
 import torch
 from safetensors.torch import load_file
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-from pipeline.data.synthetic import make_synthetic
-from tests.pipeline.ds_helpers import free_port
+from tests.e2e import launch, logs, scalars, until, wait
 
-REPO = Path(__file__).resolve().parents[1]
 TAGS = [
     "train/loss",
     "train/lr",
@@ -34,71 +28,6 @@ TAGS = [
     "mem/peak_gib",
     "data/skipped_samples",
 ]
-
-
-@pytest.fixture(scope="module")
-def shards(tmp_path_factory):
-    out = tmp_path_factory.mktemp("synthetic")
-    make_synthetic(out, num_classes=4, train_per_class=48, val_per_class=8, image_size=48, shard_samples=24)
-    return out
-
-
-def launch(run_dir, shards, *overrides, world=2):
-    """Start ``world`` rank processes; returns the Popen objects."""
-    args = [
-        f"data.train={shards}",
-        f"data.val={shards}",
-        f"run.output_dir={run_dir}",
-        "model.name=dinat_debug",
-        "data.image_size=32",
-        "data.workers=1",
-        "data.auto_augment=null",
-        "data.mixup=0",
-        "data.cutmix=0",
-        "data.re_prob=0",
-        "train.global_batch_size=16",
-        "train.log_every=1",
-        "train.eval_every=1000",
-        "optim.lr=3e-3",
-        "optim.warmup_steps=2",
-        "train.precision=fp32",
-        *overrides,
-    ]
-    port = free_port()
-    procs = []
-    for rank in range(world):
-        env = dict(
-            os.environ,
-            RANK=str(rank),
-            WORLD_SIZE=str(world),
-            LOCAL_RANK=str(rank),
-            MASTER_ADDR="127.0.0.1",
-            MASTER_PORT=str(port),
-            OMP_NUM_THREADS="1",
-            PYTHONUNBUFFERED="1",
-        )
-        log = open(Path(run_dir).parent / f"{Path(run_dir).name}.rank{rank}.log", "w")
-        procs.append(
-            subprocess.Popen(
-                [sys.executable, "-m", "pipeline.train", *args], cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT
-            )
-        )
-    return procs
-
-
-def wait(procs, timeout=420):
-    codes = [p.wait(timeout=timeout) for p in procs]
-    return codes
-
-
-def logs(run_dir):
-    return [p.read_text() for p in sorted(Path(run_dir).parent.glob(f"{Path(run_dir).name}.rank*.log"))]
-
-
-def scalars(run_dir):
-    acc = EventAccumulator(str(Path(run_dir) / "tensorboard"), size_guidance={"scalars": 0})
-    acc.Reload()
-    return {tag: [(e.step, e.value) for e in acc.Scalars(tag)] for tag in acc.Tags()["scalars"]}
 
 
 @pytest.mark.parametrize("stage", [1, 2, 3])
@@ -142,12 +71,14 @@ def test_metrics_reach_tensorboard(shards, tmp_path):
     assert acc.Tags()["images"], "no augmented-input grid"
 
 
-@pytest.mark.parametrize("mode", ["epoch", "resampled"])
-def test_resume_is_bitwise_exact(mode, shards, tmp_path):
+@pytest.mark.parametrize("mode,precision", [("epoch", "fp32"), ("resampled", "fp32"), ("resampled", "bf16")])
+def test_resume_is_bitwise_exact(mode, precision, shards, tmp_path):
     """Interrupted after step 6 and resumed, a run reaches bitwise the parameters of the uninterrupted
-    run at step 16 (epoch mode crosses an epoch boundary at step 12)."""
+    run at step 16 (epoch mode crosses an epoch boundary at step 12). bf16 (DeepSpeed runs it on CPU too)
+    exports its fp32 master weights."""
     run = tmp_path / "run"
     args = ["train.steps=16", "train.checkpoint_every=6", "run.export=true", f"data.mode={mode}"]
+    args.append(f"train.precision={precision}")
     assert wait(launch(run, shards, *args)) == [0, 0], logs(run)
     uninterrupted = load_file(run / "export" / "model.safetensors")
     for later in ("step_00000012", "step_00000016"):
@@ -159,16 +90,16 @@ def test_resume_is_bitwise_exact(mode, shards, tmp_path):
     assert resumed.keys() == uninterrupted.keys()
     for k in resumed:
         assert torch.equal(resumed[k], uninterrupted[k]), k
+    assert {t.dtype for t in resumed.values()} == {torch.float32}
+    if precision == "bf16":  # the master weights, not the bf16 copy the model computed with
+        assert any((t.to(torch.bfloat16).float() != t).any() for t in resumed.values())
 
 
 @pytest.mark.parametrize("signum", [signal.SIGUSR1, signal.SIGTERM])
 def test_signal_checkpoints_and_exits_for_requeue(signum, shards, tmp_path):
     run = tmp_path / "sig"
     procs = launch(run, shards, "train.steps=100000", "train.checkpoint_every=100000", "run.export=false")
-    deadline = time.time() + 300
-    while "step 3/" not in (logs(run) or [""])[0]:
-        assert time.time() < deadline and all(p.poll() is None for p in procs), logs(run)
-        time.sleep(0.5)
+    until(procs, lambda: "step 3/" in (logs(run) or [""])[0], "step 3")
     for p in procs:
         p.send_signal(signum)
     assert wait(procs) == [75, 75], logs(run)
@@ -189,12 +120,14 @@ def test_signal_checkpoints_and_exits_for_requeue(signum, shards, tmp_path):
         (["run.output_dir=/proc/forbidden"], "run.output_dir: /proc/forbidden is not writable"),
         (["train.global_batch_size=20", "train.micro_batch_size=8"], "train.global_batch_size: 20 is not divisible"),
         (["optim.warmup_steps=50", "train.steps=10"], "optim.warmup: 50 warmup steps >= 10"),
+        (["train.precision=fp16"], "train.precision: DeepSpeed does not run fp16 on this cpu device; use bf16 or fp32"),
     ],
 )
 def test_runtime_config_errors_stop_before_training(overrides, message, shards, tmp_path):
+    """Found on every rank; reported once (one line, no traceback), and nothing is created in the run directory."""
     procs = launch(tmp_path / "bad", shards, "train.steps=2", *overrides)
-    assert wait(procs, timeout=300) == [2, 2], logs(tmp_path / "bad")
-    import re
-
-    assert all(re.search(message, text) for text in logs(tmp_path / "bad")), logs(tmp_path / "bad")
-    assert not (tmp_path / "bad" / "checkpoints").exists()
+    assert wait(procs) == [2, 2], logs(tmp_path / "bad")
+    text = "".join(logs(tmp_path / "bad"))
+    assert len(re.findall(rf"pipeline.lifecycle: {message}", text)) == 1, text
+    assert "Traceback" not in text
+    assert not (tmp_path / "bad").exists()

@@ -2,7 +2,7 @@
 
 ``run_ranks(fn, *args)`` runs ``fn(info, *args)`` in ``world_size`` spawned processes that joined one
 process group through :func:`pipeline.distributed.init_distributed`; a failure in any rank fails the
-caller with that rank's traceback, and a hang is killed after ``timeout`` seconds.
+caller with that rank's traceback, and ranks that stop using CPU are killed as hung (:mod:`tests.progress`).
 """
 
 from __future__ import annotations
@@ -18,6 +18,8 @@ from typing import Any
 
 import torch
 import torch.multiprocessing as mp
+
+from tests.progress import wait_while_busy
 
 NUM_LABELS = 4
 RES = 32  # px: every DiNAT level of dinat_debug is padded at this size, which the export must survive
@@ -46,24 +48,26 @@ def _entry(rank: int, fn: Callable, world_size: int, port: int, args: tuple) -> 
         torch.distributed.destroy_process_group()
 
 
-def run_ranks(fn: Callable, *args: Any, world_size: int = 2, timeout: float = 240) -> None:
-    """Run ``fn(info, *args)`` on ``world_size`` ranks (fn must be importable: a module-level function)."""
+def run_ranks(fn: Callable, *args: Any, world_size: int = 2, idle_s: float = 120) -> None:
+    """Run ``fn(info, *args)`` on ``world_size`` ranks (fn must be importable: a module-level function). The ranks
+    may take as long as they need while they use CPU; ``idle_s`` seconds without any means they hang."""
     ctx = mp.start_processes(
         _entry, args=(fn, world_size, free_port(), args), nprocs=world_size, join=False, start_method="spawn"
     )
-    deadline = time.monotonic() + timeout
     try:
-        while not ctx.join(timeout=1):
-            if time.monotonic() > deadline:
-                raise TimeoutError(f"{fn.__name__} did not finish within {timeout} s")
+        wait_while_busy(lambda: [p.pid for p in ctx.processes], lambda: ctx.join(timeout=1), fn.__name__, idle_s)
     finally:
         for p in ctx.processes:
             if p.is_alive():
                 p.kill()
 
 
-def make_engine(stage: int, seed: int = 0):
-    """dinat_debug (4 labels) in a DeepSpeed engine: ZeRO ``stage``, fp32, torch AdamW, DeepSpeed's WarmupLR."""
+PRECISIONS = ("fp32", "bf16")  # bf16 runs on DeepSpeed's CPU accelerator too
+
+
+def make_engine(stage: int, seed: int = 0, precision: str = "fp32"):
+    """dinat_debug (4 labels) in a DeepSpeed engine: ZeRO ``stage``, ``precision``, torch AdamW, DeepSpeed's
+    WarmupLR."""
     import deepspeed
 
     import dinat
@@ -76,6 +80,7 @@ def make_engine(stage: int, seed: int = 0):
         "zero_optimization": {"stage": stage},
         "scheduler": {"type": "WarmupLR", "params": {"warmup_max_lr": 1e-3, "warmup_num_steps": 10}},
         "steps_per_print": 10**9,
+        **({"bf16": {"enabled": True}} if precision == "bf16" else {}),
     }
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
     engine, *_ = deepspeed.initialize(model=model, optimizer=optimizer, config=config)
@@ -88,10 +93,14 @@ def batch(step: int, rank: int) -> tuple[torch.Tensor, torch.Tensor]:
     return torch.randn(2, 3, RES, RES, generator=g), torch.randint(0, NUM_LABELS, (2,), generator=g)
 
 
+def _dtype(engine) -> torch.dtype:
+    return next(engine.module.parameters()).dtype
+
+
 def train(engine, rank: int, steps: range) -> None:
     for step in steps:
         x, y = batch(step, rank)
-        loss = engine(x, labels=y).loss
+        loss = engine(x.to(_dtype(engine)), labels=y).loss
         engine.backward(loss)
         engine.step()
 
@@ -105,7 +114,7 @@ def probe() -> torch.Tensor:
 def logits(engine) -> torch.Tensor:
     """(3, NUM_LABELS) eval-mode logits of the engine's model on :func:`probe` (collective under ZeRO-3)."""
     engine.eval()
-    out = engine(probe()).logits.detach().clone()
+    out = engine(probe().to(_dtype(engine))).logits.detach().clone()
     engine.train()
     return out
 
@@ -124,16 +133,24 @@ def train_state(engine) -> dict[str, Any]:
     return {"dinat_config": engine.module.config.to_dict(), "classes": CLASSES, "image_size": RES}
 
 
-def roundtrip_worker(info, stage: int, root: str, out: str) -> None:
+def roundtrip_worker(info, stage: int, base: str) -> None:
+    """:func:`roundtrip` in each precision, one after the other in the same processes (a rank's start-up is the
+    slow part on CPU)."""
+    for precision in PRECISIONS:
+        roundtrip(info, stage, precision, str(Path(base) / f"ckpt-{precision}"), base)
+
+
+def roundtrip(info, stage: int, precision: str, root: str, out: str) -> None:
     """Train, save at steps 2, 4, 5 (keep=2), then load step 4 into a fresh engine and continue to 5.
 
-    Writes ``out/rank{r}.pt`` with what the tests compare (reference values from the live engine at save time).
+    Writes ``out/rank{r}-{precision}.pt`` with what the tests compare (reference values from the live engine at
+    save time).
     """
     from pipeline.checkpoint import Checkpointer
 
     r = info.rank
     ck = Checkpointer(Path(root), keep=2, dist=info)
-    engine = make_engine(stage, seed=0)
+    engine = make_engine(stage, seed=0, precision=precision)
     paths = []
     ref: dict[str, Any] = {}
     for start, step in ((0, 2), (2, 4), (4, 5)):
@@ -141,7 +158,7 @@ def roundtrip_worker(info, stage: int, root: str, out: str) -> None:
         ref[step] = {"params": flat_params(engine), "logits": logits(engine), "lr": engine.get_lr()[0]}
         rank_state = {"rank": r, "position": 100 * step + r, "rng": torch.get_rng_state()}  # drop path draws
         paths.append(ck.save(engine, step, train_state(engine), rank_state))
-    fresh = make_engine(stage, seed=1)
+    fresh = make_engine(stage, seed=1, precision=precision)
     res: dict[str, Any] = {"paths": paths, "ref": ref, "fresh_params": flat_params(fresh), "latest": ck.latest()}
     res["dirs"] = sorted(p.name for p in Path(root).iterdir())
     res["state"], res["rank_state"] = ck.load(fresh, paths[1])
@@ -150,19 +167,22 @@ def roundtrip_worker(info, stage: int, root: str, out: str) -> None:
     torch.set_rng_state(res["rank_state"]["rng"])
     train(fresh, r, range(4, 5))
     res["continued"] = {"params": flat_params(fresh), "logits": logits(fresh), "lr": fresh.get_lr()[0]}
-    torch.save(res, Path(out) / f"rank{r}.pt")
+    torch.save(res, Path(out) / f"rank{r}-{precision}.pt")
 
 
-_RUNS: dict[int, tuple[Path, list[dict[str, Any]]]] = {}
+_RUNS: dict[int, Path] = {}
 
 
-def zero_run(stage: int, tmp_path_factory) -> tuple[Path, list[dict[str, Any]]]:
-    """(checkpoint root, per-rank results) of :func:`roundtrip_worker`, run once per stage and session."""
+def zero_run(stage: int, tmp_path_factory, precision: str = "fp32") -> tuple[Path, list[dict[str, Any]]]:
+    """(checkpoint root, per-rank results) of :func:`roundtrip` in ``precision``; one 2-rank job per stage and
+    session runs both precisions."""
     if stage not in _RUNS:
         base = tmp_path_factory.mktemp(f"zero{stage}")
-        run_ranks(roundtrip_worker, stage, str(base / "ckpt"), str(base))
-        _RUNS[stage] = base / "ckpt", [torch.load(base / f"rank{r}.pt", weights_only=False) for r in range(2)]
-    return _RUNS[stage]
+        run_ranks(roundtrip_worker, stage, str(base))
+        _RUNS[stage] = base
+    base = _RUNS[stage]
+    results = [torch.load(base / f"rank{r}-{precision}.pt", weights_only=False) for r in range(2)]
+    return base / f"ckpt-{precision}", results
 
 
 def save_then_hang_worker(info, root: str, ready: str) -> None:

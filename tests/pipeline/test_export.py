@@ -67,6 +67,21 @@ def test_zero12_export_from_checkpoint_root(stage, tmp_path_factory, tmp_path):
         torch.testing.assert_close(model(probe()).logits, results[0]["ref"][5]["logits"], atol=1e-5, rtol=0)
 
 
+@pytest.mark.parametrize("stage", [2, 3])
+def test_bf16_export_holds_the_fp32_master_weights(stage, tmp_path_factory, tmp_path):
+    """A bf16 run exports float32 weights: the optimizer's master copy, of which the model's bf16 weights are
+    the rounding."""
+    root, results = zero_run(stage, tmp_path_factory, "bf16")
+    out = export.export_checkpoint(root, tmp_path / "hf")
+    model = dinat.DinatForImageClassification.from_pretrained(out)
+    weights = torch.cat([p.detach().reshape(-1) for p in model.parameters()])
+    assert weights.dtype == torch.float32
+    live = results[0]["ref"][5]["params"]
+    assert live.dtype == torch.bfloat16
+    assert torch.equal(weights.to(torch.bfloat16), live)
+    assert not torch.equal(weights, live.float())  # finer than bf16: not the model's copy cast back
+
+
 def test_strip_prefixes():
     t = torch.zeros(1)
     assert export.strip_prefixes({"module._orig_mod.a": t, "module._orig_mod.b": t}).keys() == {"a", "b"}

@@ -5,6 +5,7 @@ export job that waits for it, and the shards array with its merge job."""
 from __future__ import annotations
 
 import re
+import subprocess
 import time
 from pathlib import Path
 
@@ -173,3 +174,38 @@ def test_shards_array_then_merge(slurm, tmp_path):
     kept = sum(len(part1["splits"][s]["shards"]) for s in ("train", "val")) - 1
     assert f"shards: 1 written, {kept} kept (verified)" in (tmp_path / "rerun-1.out").read_text()
     assert read_manifest(out)["splits"] == single["splits"]
+
+
+def test_readme_pipeline(slurm, tmp_path):
+    """The README's Slurm block as written, on this 2-node CPU cluster: raw tars -> shards array -> merge ->
+    pretrain -> export. The edits: tiny paths and data, 3 array tasks, 2 nodes x 1 CPU rank, the debug model,
+    and no push (the Hub is not reachable from here; tests/test_readme.py checks the push line's refusal)."""
+    from tests.test_readme import TINY, block
+
+    raw, shards, run = tmp_path / "raw", tmp_path / "shards", tmp_path / "run"
+    make_tars(raw, {f"n{i:08d}": 14 for i in range(4)})
+    (raw / "words.txt").write_text("".join(f"n{i:08d}\tthing {i}\n" for i in range(4)))
+    script = block("RAW=/data/imagenet22k-raw").text
+    script = script.replace("RAW=/data/imagenet22k-raw", f"RAW={raw}").replace(
+        "SHARDS=/data/imagenet22k-shards", f"SHARDS={shards}"
+    )
+    script = script.replace("RUN=/checkpoints/dinat-large-in22k", f"RUN={run}")
+    script = script.replace("--array=0-63%16", "--array=0-2").replace("--nodes 4", "--nodes 2 --ntasks-per-node=1")
+    script = script.replace("sbatch ", f"sbatch {' '.join(CPU_JOB)} --output={tmp_path}/%x-%j-%a.out ")
+    script = script.replace("run.output_dir=$RUN)", f"run.output_dir=$RUN {' '.join(TINY)} run.export=false)")
+    script = script.replace(" --push-to org/dinat-large-in22k", "")
+    assert script.count("sbatch ") == 4 and "--push-to" not in script
+    out = subprocess.run(["bash", "-c", f"set -e\n{script}\necho $shards $merge $train"], cwd=ROOT,
+                         capture_output=True, text=True)  # fmt: skip
+    assert out.returncode == 0, out.stderr
+    *submitted, ids = out.stdout.strip().splitlines()
+    export_job = int(re.search(r"Submitted batch job (\d+)", submitted[-1])[1])
+    for jid in [*map(int, ids.split()), export_job]:
+        job = slurm.wait(jid, 600)
+        logs = "".join(p.read_text() for p in tmp_path.glob("*.out"))
+        assert (job["JobState"], job["ExitCode"]) == ("COMPLETED", "0:0"), logs[-4000:]
+    assert read_manifest(shards)["splits"]["train"]["samples"] > 0
+    assert (run / "checkpoints" / "step_00000004" / "COMPLETE").is_file()
+    assert sorted(p.name for p in (run / "export").iterdir()) == [
+        "config.json", "model.safetensors", "preprocessor_config.json"
+    ]  # fmt: skip
