@@ -73,7 +73,10 @@ class DataConfig:
     synthetic: bool = False  # write the embedded synthetic dataset into `train` if it is missing
     mode: str = "resampled"  # resampled | epoch (training); evaluation always reads exactly once
     workers: int = 8  # DataLoader workers per rank
-    shuffle_buffer: int = 1000
+    shuffle_buffer: int = 1000  # samples read as one window and shuffled together (0: shard order)
+    image_key: str = "auto"  # the sample's image: jpg | jpeg | png | webp | ..., auto: the first of those present
+    label_key: str = "cls"  # the class index: a key (cls), or json:FIELD for a field of the sample's JSON
+    max_skip_fraction: float = 0.05  # more skipped (undecodable, mislabelled) samples than this stops the run
     image_size: int = 224
     eval_crop_pct: float = 0.875
     interpolation: str = "bicubic"
@@ -92,6 +95,11 @@ class DataConfig:
             raise ConfigError(f"data.mode: 'resampled' or 'epoch', got {self.mode!r}")
         if self.workers < 0:
             raise ConfigError(f"data.workers: must be >= 0, got {self.workers}")
+        if self.shuffle_buffer < 0:
+            raise ConfigError(f"data.shuffle_buffer: must be >= 0, got {self.shuffle_buffer}")
+        if not self.image_key or not self.label_key or self.label_key.endswith(":"):
+            raise ConfigError("data.image_key / data.label_key: a key (e.g. jpg, cls) or json:FIELD for the label")
+        _check_range("data.max_skip_fraction", self.max_skip_fraction, 0.0, 1.0)
         if self.image_size < 32 or self.image_size % 32:
             raise ConfigError(f"data.image_size: a multiple of 32 (the network's stride), got {self.image_size}")
         for key in ("hflip", "re_prob", "label_smoothing", "scale_min"):

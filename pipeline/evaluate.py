@@ -10,20 +10,32 @@ import torch.nn.functional as F
 
 
 @torch.no_grad()
-def evaluate(engine, loader, augment, device: torch.device, max_batches: int | None = None) -> dict[str, float]:
-    """Every rank must run the same number of batches (epoch mode guarantees it; ZeRO-3 gathers
-    parameters collectively in forward). Returns eval/loss, eval/top1, eval/top5 (percent), eval/samples."""
+def evaluate(
+    engine, loader, augment, device: torch.device, batches: int, image_size: int
+) -> dict[str, float]:
+    """Run exactly ``batches`` forward passes on every rank (ZeRO-3 gathers parameters collectively in forward):
+    the rank's own batches, then, once its share of the split is done, a one-image padding batch that counts for
+    nothing. Returns eval/loss, eval/top1, eval/top5 (percent) and eval/samples over the whole split."""
     was_training = engine.module.training
     engine.module.eval()
     totals = torch.zeros(4, dtype=torch.float64, device=device)  # loss sum, top1, top5, count
-    for batch in itertools.islice(loader, max_batches):
+    real = iter(loader)
+    for _ in range(batches):
+        batch = next(real, None)
+        if batch is None:  # this rank's share is done; the others may still need it in the collective forward
+            images = torch.zeros(1, 3, image_size, image_size, dtype=torch.uint8)
+            x, _ = augment(images, torch.zeros(1, dtype=torch.long))
+            engine(x)
+            continue
         x, y = augment(batch["images"], batch["labels"])
-        logits = engine(x).logits.float()
+        logits = engine(x).logits.float()  # (B, classes)
         totals[0] += F.cross_entropy(logits, y, reduction="sum")
-        top5 = logits.topk(min(5, logits.shape[-1]), dim=-1).indices
+        top5 = logits.topk(min(5, logits.shape[-1]), dim=-1).indices  # (B, 5)
         totals[1] += (top5[:, 0] == y).sum()
         totals[2] += (top5 == y[:, None]).any(dim=-1).sum()
         totals[3] += len(y)
+    for _ in itertools.islice(real, 1):  # a share longer than planned would be a bug in the plan
+        raise AssertionError("evaluation stream longer than its planned batch count")
     if dist.is_initialized():
         dist.all_reduce(totals)
     engine.module.train(was_training)

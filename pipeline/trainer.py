@@ -106,7 +106,7 @@ class Trainer:
         self.cfg, self.info, self.life = cfg, info, life
         # Everything a configuration can get wrong is checked before the run directory is touched.
         make_synthetic_if_requested(cfg.data, info)
-        self.dataset = resolve_dataset(cfg.data)
+        self.dataset = resolve_dataset(cfg.data, info)
         self.micro, self.accum, self.global_batch = resolve_batch(cfg.train, info.world_size)
         self.total_steps, self.schedule = self._plan_steps()
         self.val_stream = eval_stream(cfg.data, self.dataset, info, self.micro) if self.dataset.val else None
@@ -194,18 +194,15 @@ class Trainer:
 
     # -- the loop -------------------------------------------------------------------------------------
     def _batches(self):
-        """Training batches forever (epoch mode: epoch after epoch), tracking the stream position."""
+        """Training batches forever (epoch mode: epoch after epoch, one endless stream), tracking the position."""
         stream = train_stream(self.cfg.data, self.dataset, self.info, self.micro, self.cfg.train.seed, self._data_state)
-        while True:
-            iterator = iter(build_loader(stream, pin_memory=self.info.device.type == "cuda"))
-            if self._rng_to_restore is not None:
-                set_rng_state(self._rng_to_restore)
-                self._rng_to_restore = None
-            for batch in iterator:
-                self.position.update(batch["meta"])
-                yield batch
-            self.position.next_epoch()
-            stream.set_epoch(self.position.epoch)
+        iterator = iter(build_loader(stream, pin_memory=self.info.device.type == "cuda"))
+        if self._rng_to_restore is not None:
+            set_rng_state(self._rng_to_restore)
+            self._rng_to_restore = None
+        for batch in iterator:
+            self.position.update(batch["meta"])
+            yield batch
 
     def run(self) -> int:
         self.resume()
@@ -342,7 +339,10 @@ class Trainer:
 
     def _evaluate(self) -> dict[str, float]:
         loader = build_loader(self.val_stream, pin_memory=self.info.device.type == "cuda")
-        results = evaluate(self.engine, loader, self.eval_augment, self.info.device, self.cfg.train.eval_batches)
+        batches = self.val_stream.batches_per_rank()
+        if self.cfg.train.eval_batches is not None:
+            batches = min(batches, self.cfg.train.eval_batches)
+        results = evaluate(self.engine, loader, self.eval_augment, self.info.device, batches, self.cfg.data.image_size)
         self.metrics.scalars(self.step, results)
         logger.info(
             "eval at step %d: loss %.4f top-1 %.2f%% top-5 %.2f%% (%d images)",

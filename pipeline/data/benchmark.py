@@ -26,7 +26,8 @@ from PIL import Image
 from timm.data.transforms import RandomResizedCropAndInterpolation
 
 from . import manifest as mf
-from .loader import ShardStream, decode_sample, list_shards
+from .loader import SampleFormat, ShardStream
+from .shardset import list_shards
 from .transforms import train_transform
 
 
@@ -115,7 +116,8 @@ def run(args) -> dict:
             mean_w=round(float(np.mean([s[0] for s in sizes]))),
             mean_h=round(float(np.mean([s[1] for s in sizes]))),
         )
-        out["decode_only"] = rate(lambda: [decode_sample({"jpg": b, "cls": b"0"}) for b in data], n)
+        decode = SampleFormat().decode
+        out["decode_only"] = rate(lambda: [decode({"jpg": b, "cls": b"0"}) for b in data], n)
         out["decode_half_scale_only"] = rate(lambda: [decode_half(b) for b in data], n)
         out["draft_eligible_fraction"] = round(draft_eligible(data, args.size), 3)
 
@@ -126,7 +128,7 @@ def run(args) -> dict:
             loader = torch.utils.data.DataLoader(ds, batch_size=args.batch_size, num_workers=0)
             return lambda: sum(len(y) for _, y in loader)
 
-        def ours(uint8: bool, decode=decode_sample):
+        def ours(uint8: bool):
             ds = ShardStream(
                 list_shards(shards),
                 mode="epoch",
@@ -134,7 +136,7 @@ def run(args) -> dict:
                 workers=0,
                 transform=train_transform(args.size, uint8=uint8),
                 shuffle_buffer=1000,
-                decode=decode,
+                finite=True,
             )
             return lambda: sum(len(b["labels"]) for b in ds.iter_worker(0))
 

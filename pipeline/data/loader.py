@@ -1,12 +1,16 @@
 """Streaming WebDataset loader.
 
-Stages, per DataLoader worker: shard list -> this slot's plan (node + worker split, :mod:`plan`) ->
-tar reading (webdataset's ``tarfile_samples``: local paths, ``pipe:`` URLs) -> seeded shuffle inside each
-shard -> decode (bad samples skipped and counted) -> transform -> batch.
+Stages, per DataLoader worker: this slot's plan (:mod:`plan`: node and worker split, epoch segments or resampled
+chunks) -> pieces of shards read window by window (:mod:`reader`: seek with the shard's index, or stream) ->
+decode (bad samples skipped and counted) -> transform -> batch.
 
-Every batch carries ``meta``: the (virtual) worker that made it and that worker's stream position after
-it. :class:`StreamPosition` folds those into a state a checkpoint stores; a loader built with that state
-continues exactly where the consumed batches ended (no replay, same order as an uninterrupted run).
+Every batch carries ``meta``: the (virtual) worker that made it and that worker's stream position after it.
+:class:`StreamPosition` folds those into a state a checkpoint stores; a loader built with that state continues
+exactly where the consumed batches ended (no replay, same order as an uninterrupted run).
+
+Bad data never loops: a shard whose samples lack the image or label key is an error naming the shard and the
+keys it has, after a few samples; a worker that skips more than ``max_skip_fraction`` of what it reads (after
+at least :data:`MIN_SKIPS_TO_JUDGE` skips) stops the run with the counts.
 """
 
 from __future__ import annotations
@@ -14,79 +18,92 @@ from __future__ import annotations
 import contextlib
 import io
 import itertools
+import json
 import logging
 import random
-import re
 import signal
 import zlib
-from collections.abc import Callable, Iterator, Sequence
-from pathlib import Path
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 import torch
 from PIL import Image
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
-from webdataset.shardlists import expand_urls
-from webdataset.tariterators import tarfile_samples
 
 from ..lifecycle import die_with_parent
-from .manifest import MANIFEST_NAME, read_manifest
-from .plan import Shard, chunk_rng, epoch_plan, resampled_shard, round_robin_next
+from .plan import EpochPlan, Layout, Origin, Piece, Shard, resampled_shard, round_robin_next, window_key
+from .reader import ShardError, ShardReader, read_piece
 
 logger = logging.getLogger(__name__)
 
 MODES = ("epoch", "resampled")
-_SHARD_NAME = re.compile(r"((?:train|val)-\d{6}\.tar)")
-_DECODE_ERRORS = (OSError, ValueError, KeyError, SyntaxError, Image.DecompressionBombError)
+IMAGE_KEYS = ("jpg", "jpeg", "png", "webp")
+MISSING_KEYS_LIMIT = 3  # consecutive samples of a shard without the image or label key: the shard is wrong
+MIN_SKIPS_TO_JUDGE = 20  # skipped samples before the skip fraction is judged (a few bad images in a row are data)
+_DECODE_ERRORS = (OSError, ValueError, SyntaxError, Image.DecompressionBombError)
 
 
-def list_shards(urls: str | Sequence[str], manifest: str | Path | None = None, split: str = "train") -> list[Shard]:
-    """Shards from a shard directory (its manifest.json), a brace pattern / '::'-joined string / list of
-    URLs (``pipe:`` commands included), with sample counts from ``manifest`` when given."""
-    if isinstance(urls, (str, Path)) and Path(urls).is_dir():
-        directory = Path(urls)
-        entries = read_manifest(manifest or directory / MANIFEST_NAME)["splits"].get(split)
-        if not entries or not entries["shards"]:
-            raise ValueError(f"{directory}: the manifest lists no '{split}' shards")
-        shards = [Shard(str(directory / e["name"]), e["samples"]) for e in entries["shards"]]
-    else:
-        expanded = expand_urls(urls) if isinstance(urls, str) else [str(u) for u in urls]
-        counts = {}
-        if manifest is not None:
-            for split_entry in read_manifest(manifest)["splits"].values():
-                counts.update({e["name"]: e["samples"] for e in split_entry["shards"]})
-        shards = []
-        for url in expanded:
-            m = _SHARD_NAME.search(url)
-            if manifest is not None and (m is None or m.group(1) not in counts):
-                raise ValueError(f"shard {url} is not in {manifest}")
-            shards.append(Shard(url, counts[m.group(1)] if manifest is not None else None))
-    if not shards:
-        raise ValueError(f"no shards in {urls!r}")
-    missing = [
-        s.url for s in shards if "://" not in s.url and not s.url.startswith("pipe:") and not Path(s.url).is_file()
-    ]
-    if missing:
-        raise FileNotFoundError(
-            f"shard not found: {missing[0]}" + (f" (+{len(missing) - 1} more)" if len(missing) > 1 else "")
-        )
-    return shards
+class DataError(RuntimeError):
+    """Data that cannot train: a shard with the wrong keys, or too many bad samples."""
 
 
-def decode_sample(sample: dict[str, Any]) -> tuple[Image.Image, int]:
-    """A shard sample -> (RGB image, class index). Raises on anything unusable."""
-    image = Image.open(io.BytesIO(sample["jpg"]))
-    image.load()  # decodes fully, so truncated data raises here
-    if image.mode != "RGB":  # convert() copies even when the mode is already RGB (~20% of decode time)
-        image = image.convert("RGB")
-    return image, int(sample["cls"])
+class BadSample(ValueError):
+    """One sample that cannot be used (skipped and counted)."""
 
 
-def seed_augmentation(*position: int) -> None:
-    """Seed the global RNGs that timm/torchvision transforms draw from with the sample's position, so
-    augmentation is a function of the data order alone: identical after a resume, whatever the workers' seeds."""
-    seed = zlib.crc32("/".join(map(str, position)).encode())
+@dataclass(frozen=True)
+class SampleFormat:
+    """Where a sample keeps its image and label. ``image_key``: a key, or ``auto`` for the first of
+    :data:`IMAGE_KEYS`; ``label_key``: a key holding the class index as text (``cls``), or ``json:FIELD`` for a
+    field of the sample's JSON (timm's sets: ``json:label``)."""
+
+    image_key: str = "auto"
+    label_key: str = "cls"
+    num_classes: int | None = None
+
+    def image_bytes(self, sample: dict[str, Any]) -> bytes | None:
+        if self.image_key != "auto":
+            return sample.get(self.image_key)
+        return next((sample[k] for k in IMAGE_KEYS if k in sample), None)
+
+    def has_keys(self, sample: dict[str, Any]) -> bool:
+        label = self.label_key.split(":", 1)[0]
+        return self.image_bytes(sample) is not None and label in sample
+
+    def expected(self) -> str:
+        image = "|".join(IMAGE_KEYS) if self.image_key == "auto" else self.image_key
+        return f"an image ({image}) and a label ({self.label_key})"
+
+    def decode(self, sample: dict[str, Any]) -> tuple[Image.Image, int]:
+        """A sample -> (RGB image, class index); BadSample for anything unusable."""
+        try:
+            image = Image.open(io.BytesIO(self.image_bytes(sample)))
+            image.load()  # decodes fully, so truncated data raises here
+            if image.mode != "RGB":  # convert() copies even when the mode is already RGB (~20% of decode time)
+                image = image.convert("RGB")
+            label = self.label(sample)
+        except _DECODE_ERRORS as e:
+            raise BadSample(f"{type(e).__name__}: {e}") from None
+        if self.num_classes is not None and not 0 <= label < self.num_classes:
+            raise BadSample(f"label {label} outside the {self.num_classes} classes")
+        return image, label
+
+    def label(self, sample: dict[str, Any]) -> int:
+        key, _, field = self.label_key.partition(":")
+        if not field:
+            return int(sample[key])
+        value = json.loads(sample[key])[field]
+        if not isinstance(value, int) or isinstance(value, bool):
+            raise ValueError(f"{self.label_key} is {value!r}, not a class index")
+        return value
+
+
+def seed_augmentation(*identity: int | str) -> None:
+    """Seed the global RNGs that timm/torchvision transforms draw from with the sample's identity, so
+    augmentation is a function of the data alone: identical after a resume, on any number of ranks and workers."""
+    seed = zlib.crc32("/".join(map(str, identity)).encode())
     random.seed(seed)
     np.random.seed(seed)
     # Not torch.manual_seed: where CUDA is not initialised (DataLoader workers) every call re-queues a lazy
@@ -112,8 +129,10 @@ def _own_rng(restore: bool):
 class ShardStream(IterableDataset):
     """Batches from WebDataset shards for one rank; see the module docstring.
 
-    ``workers`` must equal the DataLoader's ``num_workers`` (0 = the main process); ``state`` comes from
-    :meth:`StreamPosition.state_dict` of a run with the same world size and workers.
+    ``workers`` must equal the DataLoader's ``num_workers`` (0 = the main process). Epoch mode reads segment after
+    segment forever (``finite``: the first segment only, for evaluation). ``state`` comes from
+    :meth:`StreamPosition.state_dict` of a run with the same layout; ``origin`` / ``generation`` start a run
+    where another layout left off (:func:`pipeline.data.plan.remainder`).
     """
 
     def __init__(
@@ -128,32 +147,42 @@ class ShardStream(IterableDataset):
         workers: int = 0,
         seed: int = 0,
         shuffle_buffer: int = 1000,
-        epoch: int = 0,
         state: dict[str, Any] | None = None,
-        decode: Callable[[dict[str, Any]], tuple[Image.Image, int]] = decode_sample,
+        origin: Origin = Origin(),
+        generation: int = 0,
+        finite: bool = False,
+        sample_format: SampleFormat = SampleFormat(),
+        max_skip_fraction: float = 0.05,
     ):
         if mode not in MODES:
             raise ValueError(f"data mode must be one of {MODES}, got {mode!r}")
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
-        self.shards, self.mode, self.batch_size, self.transform = shards, mode, batch_size, transform
+        if finite and mode != "epoch":
+            raise ValueError("a finite stream reads one epoch: mode must be 'epoch'")
+        self.shards, self.mode, self.transform = shards, mode, transform
         self.num_workers = workers  # the DataLoader's (0: main process)
-        self.rank, self.world_size, self.workers, self.seed = rank, world_size, max(workers, 1), seed
-        self.shuffle_buffer, self.decode = shuffle_buffer, decode
-        self.epoch = epoch
-        self.plans = None
+        self.layout = Layout(world_size, max(workers, 1), batch_size)
+        self.rank, self.seed, self.window = rank, seed, shuffle_buffer
+        self.generation, self.finite = generation, finite
+        self.format, self.max_skip_fraction = sample_format, max_skip_fraction
+        self.plan = None
         if mode == "epoch":  # validates now, in the main process, rather than in a worker
-            self.plans = epoch_plan(shards, world_size, self.workers, batch_size, seed, epoch)
-        self.start: dict[int, dict[str, int]] = {}
+            unknown = [s.url for s in shards if s.samples is None]
+            if unknown:
+                raise ValueError(
+                    f"epoch mode needs per-shard sample counts (a manifest.json); none for {unknown[0]} "
+                    "(dinat-index-shards writes one for existing shards)"
+                )
+            self.plan = EpochPlan([s.samples for s in shards], self.layout, seed, origin)
+        self.start: dict[int, tuple[int, int]] = {}
         self.first_worker = 0
         if state is not None:
             self.load_state(state)
 
-    def set_epoch(self, epoch: int) -> None:
-        if epoch != self.epoch:
-            self.epoch, self.start, self.first_worker = epoch, {}, 0
-            if self.mode == "epoch":
-                self.plans = epoch_plan(self.shards, self.world_size, self.workers, self.batch_size, self.seed, epoch)
+    @property
+    def workers(self) -> int:
+        return self.layout.workers
 
     def load_state(self, state: dict[str, Any]) -> None:
         if state.get("workers") != self.workers or state.get("mode") != self.mode:
@@ -161,56 +190,88 @@ class ShardStream(IterableDataset):
                 f"data state was saved with mode={state.get('mode')} workers={state.get('workers')}; "
                 f"this loader has mode={self.mode} workers={self.workers}"
             )
-        self.set_epoch(state["epoch"])
-        self.start = {int(w): dict(p) for w, p in state["streams"].items()}
+        self.start = {int(w): (int(p[0]), int(p[1])) for w, p in state["streams"].items()}
         self.first_worker = round_robin_next(state.get("last_worker"), self.workers)
 
+    def batches_per_rank(self) -> int:
+        """Finite streams: the micro-batches of the fullest rank (every rank must run as many forward passes)."""
+        largest = -(-self.plan.epoch_size // self.layout.world_size)
+        return -(-largest // self.layout.micro_batch)
+
     # -- one worker's stream --------------------------------------------------------------------------
-    def _chunks(self, slot: int, first: int) -> Iterator[tuple[int, Shard]]:
-        if self.mode == "epoch":
-            yield from itertools.islice(enumerate(self.plans[slot].shards), first, None)
-        else:
-            for chunk in itertools.count(first):
-                yield chunk, resampled_shard(self.shards, self.seed, slot, chunk)
-
-    def _shuffled(self, samples: Iterator[dict], rng) -> Iterator[dict]:
-        """Seeded buffer shuffle of one shard's samples (still undecoded)."""
-        buf: list[dict] = []
-        for sample in samples:
-            if len(buf) < self.shuffle_buffer:
-                buf.append(sample)
-                continue
-            j = rng.randrange(len(buf))
-            buf[j], sample = sample, buf[j]
-            yield sample
-        rng.shuffle(buf)
-        yield from buf
-
-    def _tar_error(self, exn: Exception) -> bool:
-        self.skipped += 1
-        logger.warning("skipping unreadable shard data: %s", exn)
-        return True
-
-    def _samples(self, slot: int, start: dict[str, int]) -> Iterator[tuple[Any, int, int, int]]:
-        """(transformed image, label, chunk, offset after it), from ``start`` on."""
-        for chunk, shard in self._chunks(slot, start.get("chunk", 0)):
-            raw = tarfile_samples(iter([{"url": shard.url}]), handler=self._tar_error)
-            if self.shuffle_buffer > 1:
-                raw = self._shuffled(raw, chunk_rng(self.seed, self.epoch, slot, chunk))
-            skip = start.get("offset", 0) if chunk == start.get("chunk", 0) else 0
-            for offset, sample in enumerate(raw, 1):
-                if offset <= skip:
+    def _pieces(self, slot: int, worker: int, start: tuple[int, int]) -> Iterator[tuple[int, Piece, str, int]]:
+        """(stream unit, piece, window key tag, samples of the piece already read) from ``start`` on. Units are
+        segments (epoch mode) or chunks (resampled); a position is (unit, samples read in it)."""
+        unit, done = start
+        units = range(unit, unit + 1) if self.finite else itertools.count(unit)
+        for u in units:
+            if self.mode == "epoch":
+                tag = f"e{self.plan.segment(u).epoch}"
+                pieces = self.plan.share(u, self.rank, worker)
+            else:
+                j = resampled_shard(len(self.shards), self.seed, self.generation, slot, u)
+                tag = f"r{self.generation}/{slot}/{u}"
+                pieces = [Piece(j, 0, self.shards[j].samples)]
+            for piece in pieces:
+                if self.mode == "epoch" and done >= piece.count:
+                    done -= piece.count
                     continue
+                yield u, piece, tag, done
+                done = 0
+            done = 0
+
+    def _samples(self, slot: int, worker: int, start: tuple[int, int]) -> Iterator[tuple[Any, int, int, int]]:
+        """(transformed image, label, unit, samples read in it) from ``start`` on; bad samples skipped."""
+        reader: ShardReader | None = None  # one open shard at a time
+        position = start
+        for unit, piece, tag, done in self._pieces(slot, worker, start):
+            shard = self.shards[piece.shard]
+            if reader is None or reader.shard is not shard:
+                if reader is not None:
+                    reader.close()
+                reader = ShardReader(shard, self._tar_error)
+            count = position[1] if position[0] == unit else 0
+            missing = 0
+            key = lambda s, p=piece, t=tag: window_key(self.seed, t, p.shard, s)  # noqa: E731
+            for index, sample in read_piece(reader, piece, self.window, key, done):
+                count += 1
+                self.seen += 1
+                position = (unit, count)
+                if not self.format.has_keys(sample):
+                    missing += 1
+                    self._skip(sample, shard, "missing keys")
+                    if missing >= MISSING_KEYS_LIMIT:
+                        keys = sorted(k for k in sample if not k.startswith("__"))
+                        raise DataError(
+                            f"{shard.url}: samples have keys {keys}, not {self.format.expected()}; "
+                            "set data.image_key / data.label_key"
+                        )
+                    continue
+                missing = 0
                 try:
-                    image, label = self.decode(sample)
-                except _DECODE_ERRORS as e:
-                    self.skipped += 1
-                    logger.warning("skipping sample %s in %s: %s", sample.get("__key__"), shard.url, e)
+                    image, label = self.format.decode(sample)
+                except BadSample as e:
+                    self._skip(sample, shard, str(e))
                     continue
                 with _own_rng(get_worker_info() is None):
-                    seed_augmentation(self.seed, self.epoch, slot, chunk, offset)
+                    seed_augmentation(self.seed, tag, piece.shard, index)
                     image = self.transform(image)
-                yield image, label, chunk, offset
+                yield image, label, unit, count
+
+    def _skip(self, sample: dict[str, Any], shard: Shard, reason: str) -> None:
+        self.skipped += 1
+        logger.warning("skipping sample %s in %s: %s", sample.get("__key__"), shard.url, reason)
+        if self.skipped >= MIN_SKIPS_TO_JUDGE and self.skipped > self.max_skip_fraction * self.seen:
+            raise DataError(
+                f"rank {self.rank}: {self.skipped} of {self.seen} samples skipped, more than data.max_skip_fraction "
+                f"= {self.max_skip_fraction:g} (last: {sample.get('__key__')} in {shard.url}: {reason})"
+            )
+
+    def _tar_error(self, exn: Exception) -> bool:
+        if isinstance(exn, ShardError):
+            return False
+        logger.warning("skipping unreadable shard data: %s", exn)
+        return True
 
     def __iter__(self) -> Iterator[dict[str, Any]]:
         info = get_worker_info()
@@ -222,78 +283,71 @@ class ShardStream(IterableDataset):
     def iter_worker(self, physical: int) -> Iterator[dict[str, Any]]:
         """The batches of DataLoader worker ``physical`` (a virtual worker after a resume rotation)."""
         worker = (physical + self.first_worker) % self.workers
-        slot = self.rank * self.workers + worker
-        start = self.start.get(worker, {})
-        self.skipped, padded = 0, 0
-        samples = self._samples(slot, start)
-        sizes = itertools.repeat(self.batch_size)
-        if self.mode == "epoch":
-            sizes = iter(self.plans[slot].batch_sizes[start.get("batches", 0) :])
-        position = dict(start)
-        last = None
-        for batches, size in enumerate(sizes, start.get("batches", 0) + 1):
+        slot = self.layout.slot(self.rank, worker)
+        start = self.start.get(worker, (0, 0))
+        self.skipped = self.seen = 0
+        samples = self._samples(slot, worker, start)
+        position, size = start, self.layout.micro_batch
+        for batches in itertools.count(1):
             items = list(itertools.islice(samples, size))
-            if not items and self.mode == "resampled":
-                raise RuntimeError(f"rank {self.rank} worker {worker}: no decodable samples in the shards")
-            if items:
-                last = items[-1]
-                position = {"chunk": last[2], "offset": last[3]}
-            if len(items) < size:  # epoch mode, samples lost to decoding errors: keep the batch count
-                if last is None:
-                    raise RuntimeError(f"rank {self.rank} worker {worker}: no decodable samples to fill a batch")
-                padded += size - len(items)
-                items += [last] * (size - len(items))
+            if not items:
+                if self.finite:
+                    return
+                raise DataError(f"rank {self.rank} worker {worker}: the shards gave no samples")
+            position = items[-1][2:]
             yield {
                 "images": torch.stack([torch.as_tensor(x[0]) for x in items]),
                 "labels": torch.tensor([x[1] for x in items], dtype=torch.long),
                 "meta": dict(
-                    worker=worker, epoch=self.epoch, batches=batches, skipped=self.skipped, padded=padded, **position
-                ),
+                    worker=worker, unit=position[0], count=position[1], batches=batches,
+                    skipped=self.skipped, seen=self.seen,
+                ),  # fmt: skip
             }
+            if len(items) < size:
+                return  # a finite stream's last, partial batch
 
 
 class StreamPosition:
     """Folds the ``meta`` of consumed batches into the state that resumes a :class:`ShardStream`.
 
-    Also sums the workers' skipped/padded counters for metrics (``data/skipped_samples``).
+    Also sums the workers' skipped/seen counters for metrics (``data/skipped_samples``).
     """
 
-    def __init__(self, mode: str, workers: int, epoch: int = 0):
+    def __init__(self, mode: str, workers: int):
         self.mode, self.workers = mode, max(workers, 1)
-        self.reset(epoch)
-        self.skipped_before = 0  # counted by earlier iterators (epochs, or the run before a resume)
-
-    def reset(self, epoch: int) -> None:
-        self.epoch, self.streams, self.last_worker, self.counters = epoch, {}, None, {}
+        self.streams: dict[int, tuple[int, int]] = {}
+        self.last_worker: int | None = None
+        self.counters: dict[int, tuple[int, int]] = {}
+        self.before = (0, 0)  # (skipped, seen) counted before this run (by the run a resume continues)
 
     def update(self, meta: dict[str, Any]) -> None:
         w = int(meta["worker"])
-        self.streams[w] = {"chunk": int(meta["chunk"]), "offset": int(meta["offset"]), "batches": int(meta["batches"])}
+        self.streams[w] = (int(meta["unit"]), int(meta["count"]))
         self.last_worker = w
-        self.counters[w] = (int(meta["skipped"]), int(meta["padded"]))
-
-    def next_epoch(self) -> None:
-        self.skipped_before += sum(s for s, _ in self.counters.values())
-        self.reset(self.epoch + 1)
+        self.counters[w] = (int(meta["skipped"]), int(meta["seen"]))
 
     @property
     def skipped(self) -> int:
-        return self.skipped_before + sum(s for s, _ in self.counters.values())
+        return self.before[0] + sum(s for s, _ in self.counters.values())
+
+    @property
+    def seen(self) -> int:
+        return self.before[1] + sum(n for _, n in self.counters.values())
 
     def state_dict(self) -> dict[str, Any]:
         return {
             "mode": self.mode,
             "workers": self.workers,
-            "epoch": self.epoch,
             "last_worker": self.last_worker,
-            "streams": {str(w): p for w, p in self.streams.items()},
+            "streams": {str(w): list(p) for w, p in self.streams.items()},
             "skipped": self.skipped,
+            "seen": self.seen,
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        self.epoch, self.last_worker = state["epoch"], state["last_worker"]
-        self.streams = {int(w): dict(p) for w, p in state["streams"].items()}
-        self.counters, self.skipped_before = {}, state.get("skipped", 0)
+        self.last_worker = state["last_worker"]
+        self.streams = {int(w): (int(p[0]), int(p[1])) for w, p in state["streams"].items()}
+        self.counters, self.before = {}, (state.get("skipped", 0), state.get("seen", 0))
 
 
 def _worker_init(_worker_id: int) -> None:
