@@ -5,13 +5,12 @@ first on the path: `pip install --target /tmp/tf-X transformers==X --no-deps` (+
 huggingface_hub), then `PYTHONPATH=/tmp/tf-X python -m pytest tests/dinat/test_hf_parity.py`.
 """
 
-import subprocess
-import sys
-
 import pytest
 import torch
 
 import dinat
+
+from .fresh import run_fresh
 
 transformers = pytest.importorskip("transformers")
 from dinat.compat import check_version, patch_transformers  # noqa: E402
@@ -110,9 +109,7 @@ def test_compat_is_an_attribute_of_dinat_and_leaves_transformers_unimported():
         "import transformers\n"
         "print(transformers.__version__, module.natten2dav is dinat.attention.natten2dav)\n"
     )
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
-    assert out.returncode == 0, out.stderr
-    assert out.stdout.split() == [transformers.__version__, "True"]
+    assert run_fresh(code).split() == [transformers.__version__, "True"]
 
 
 # Read from each release's models/dinat/modeling_dinat.py (see dinat/compat.py): 4.25-4.27 call the
