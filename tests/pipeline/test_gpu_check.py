@@ -235,6 +235,7 @@ def _entry(name: str, kind: str, status: str, figures: dict, seconds: float = 10
     return entry | Outcome(status, seconds, 0, 100).as_dict()
 
 
+@pytest.mark.slow
 def test_markdown_from_real_bench_records(tmp_path, capsys):
     """Figures parsed from real dinat-bench records (a speed run with a timm model, a micro-batch search on
     CPU) and the log lines of that search, rendered from the JSON alone."""
@@ -374,6 +375,7 @@ def test_pytest_junit_counts_and_collection_errors(tmp_path):
     assert f["problems"][0].startswith("test_a::test_bad: AssertionError: one is not two")
 
 
+@pytest.mark.slow
 def test_the_training_steps_checkpoint_resume_and_export_on_cpu(tmp_path):
     """The two trainer steps of the plan, run for real (tiny model, fp32 on CPU): the resumed run logs the
     same losses as the uninterrupted one at every step after the resume, and exports."""
@@ -405,3 +407,26 @@ def test_the_training_steps_checkpoint_resume_and_export_on_cpu(tmp_path):
     assert set(resumed["export"]) >= {"config.json", "model.safetensors"} and resumed["export"]["model.safetensors"] > 0
     training = record.goals(rec)[-1]
     assert training["met"] == "yes" and "largest loss difference after resuming 0.00e+00" in training["figure"]
+
+
+@pytest.mark.slow
+def test_a_whole_run_probe_plan_record_here(tmp_path):
+    """cli.run as on a GPU node (the no-GPU refusal is main's), with only the GPU tests: the probe's record
+    of this machine, pytest -m gpu for real (skipped here), the files on disk."""
+    out = tmp_path / "gc"
+    assert cli.run(Options(out=out, only=("gpu_tests",), budget_s=600), "a command") == 0
+    rec = json.loads((out / record.JSON_NAME).read_text())
+    assert rec["status"] == "complete" and rec["command"] == "a command" and rec["finished"]
+    assert [(s["name"], s["status"]) for s in rec["steps"]] == [("probe", "ok"), ("gpu_tests", "ok")]
+    env = rec["environment"]
+    assert (env["torch"], env["python"], env["devices"]) == (torch.__version__, sys.version.split()[0], [])
+    import natten
+
+    assert env["natten"]["available"] and env["packages"]["natten"]["version"] == natten.__version__
+    tests = rec["steps"][1]["figures"]
+    assert tests["skipped"] == tests["tests"] > 0 and tests["passed"] == 0  # every GPU test skips on a CPU
+    assert len(rec["left_out"]) == len(NAMES) - 1
+    md = (out / record.MARKDOWN_NAME).read_text()
+    assert md.startswith("# GPU check: no GPU recorded") and f"torch {torch.__version__}" in md
+    assert f"GPU tests: 0 passed, 0 failed, 0 errors, {tests['skipped']} skipped | not measured |" in md
+    assert sorted(p.name for p in (out / "logs").iterdir()) == ["gpu_tests.log", "probe.log"]

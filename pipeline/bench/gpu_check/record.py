@@ -129,12 +129,14 @@ def _natten_goal(record: dict[str, Any]) -> dict[str, str]:
     if not figures.get("tests"):
         return _goal("natten_vs_reference", "GPU tests did not run" if not tests else tests["status"], None)
     text = f"GPU tests: {figures['passed']} passed, {figures['failures']} failed, {figures['errors']} errors"
+    text += f", {figures['skipped']} skipped" if figures["skipped"] else ""
     speeds = {s["name"]: _row(s, VARIANT) for s in _steps(record, "speed")}
     natten, reference = speeds.get("speed"), speeds.get("speed_reference")
     if natten and reference:
         ratio = natten["images_per_s_per_gpu"] / reference["images_per_s_per_gpu"]
         text += f"; natten / reference images/s {ratio:.2f}x"
-    met = figures["failures"] == figures["errors"] == 0 and figures["passed"] > 0
+    ran = figures["passed"] + figures["failures"] + figures["errors"]  # skipped: not measured
+    met = (figures["failures"] == figures["errors"] == 0) if ran else None
     return _goal("natten_vs_reference", text, met)
 
 
@@ -195,7 +197,7 @@ def _machine(env: dict[str, Any]) -> str:
     natten_text = natten.get("path") if natten.get("available") else f"unavailable ({natten.get('error')})"
     parts = [
         f"{len(devs)} x {gpu}" if devs else "no GPU",
-        f"driver {env.get('driver')}, {env.get('cpus')} CPUs",
+        f"driver {env.get('driver') or 'unknown'}, {env.get('cpus')} CPUs",
         f"Python {env.get('python')}, torch {env.get('torch')} (CUDA {env.get('cuda')})",
         f"NATTEN {pk.get('natten')} ({natten_text})",
         ", ".join(f"{n} {pk.get(n)}" for n in ("deepspeed", "timm", "webdataset", "transformers") if n in pk),

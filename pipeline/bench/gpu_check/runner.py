@@ -4,12 +4,14 @@ A step that runs past its limit gets SIGTERM, then SIGKILL after :data:`GRACE_S`
 group (DataLoader workers, compile workers), so nothing of it holds GPU memory when the next step starts.
 The total budget bounds the check: a step gets the smaller of its own limit and what is left, and one that
 would get less than :data:`MIN_START_S` is skipped. A step whose ``needs`` did not pass is skipped too.
+Each step gets a free port for its process group's rendezvous (``MASTER_PORT``).
 """
 
 from __future__ import annotations
 
 import os
 import signal
+import socket
 import subprocess
 import time
 from collections.abc import Callable
@@ -102,6 +104,14 @@ def run_command(
     return Outcome("ok", seconds, rc, limit_s, str(log_path), None, [])
 
 
+def free_port() -> int:
+    """A TCP port free now: each step's one-process group rendezvous there (a port derived from the process
+    id, the single-process default, can be taken by another job on the node)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
 def _raise_interrupted(signum, _frame):
     raise Interrupted(signal.Signals(signum).name)
 
@@ -133,7 +143,8 @@ def execute(
             else:
                 limit = min(step.limit_s, left)
                 try:
-                    outcome = run_command(step.argv, logs / f"{step.name}.log", limit, grace_s=grace_s)
+                    env = {"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(free_port())}
+                    outcome = run_command(step.argv, logs / f"{step.name}.log", limit, env=env, grace_s=grace_s)
                 except Interrupted as e:
                     outcome = Outcome("interrupted", reason=f"{e} received", log=str(logs / f"{step.name}.log"))
                     outcomes[step.name] = outcome

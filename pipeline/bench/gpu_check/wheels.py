@@ -217,7 +217,7 @@ sys.meta_path.insert(0, OnlyFromBundle)
 for module in sys.argv[3].split(","):
     m = __import__(module)
     assert m.__file__.startswith(target), (module, m.__file__)
-    print(module, importlib.metadata.version(module), m.__file__)
+    print("imported:", module, importlib.metadata.version(module), m.__file__)
 """
 
 
@@ -230,7 +230,7 @@ def top_level_names(wheel: Path) -> set[str]:
 
 def verify(wheels_dir: Path, python: str) -> str:
     """Install the bundle with ``python`` into a fresh folder (--no-index) and import :data:`IMPORTS` from
-    there alone; returns what the import printed (module, version, file)."""
+    there alone; returns a line per module: name, version, file."""
     wheels = sorted(wheels_dir.glob("*.whl"))
     if not wheels:
         raise BundleError(f"{wheels_dir}: no wheels")
@@ -243,8 +243,11 @@ def verify(wheels_dir: Path, python: str) -> str:
         cmd = [python, "-c", _VERIFY, str(site), ",".join(sorted(names)), ",".join(IMPORTS)]
         r = subprocess.run(cmd, capture_output=True, text=True, env=env)
     if r.returncode != 0:
-        raise BundleError(f"import with {python} failed: {r.stderr.strip().splitlines()[-1:]}")
-    return r.stdout
+        last = (r.stderr.strip().splitlines() or ["no output"])[-1]
+        raise BundleError(f"import with {python} failed: {last}")
+    # DeepSpeed prints its accelerator warning to stdout: keep only the lines of the import itself
+    lines = r.stdout.splitlines(True)
+    return "".join(line.removeprefix("imported: ") for line in lines if line.startswith("imported: "))
 
 
 def main(argv: list[str] | None = None) -> int:
