@@ -98,10 +98,13 @@ def test_reference_micro_batch_fits_the_gpu_by_the_plan(tmp_path, memory_gib):
 
 
 def test_plan_without_natten_and_with_only_and_skip(tmp_path):
-    steps, left_out = build_plan(Options(out=tmp_path), probe(natten=False))
+    steps, left_out = build_plan(Options(out=tmp_path), probe(natten=False, memory_gib=79.6))
     assert "speed_reference" not in [s.name for s in steps]
     assert all("natten" not in s.argv for s in steps)
     assert left_out == [{"name": "speed (natten)", "reason": "NATTEN not importable: No module"}]
+    micro = {s.name: bench_parser().parse_args(list(s.argv[3:])).micro_batch for s in steps if s.kind == "speed"}
+    assert micro["speed"] == fitting_micro_batch("reference", 64, 79.6 * GIB) < 64  # 80 GB: the reference halves
+    assert micro["speed_ckpt_all"] == fitting_micro_batch("reference", 64, 79.6 * GIB, "all") == 64
 
     steps, left_out = build_plan(Options(out=tmp_path, only=("max_batch", "gpu_tests")), probe())
     assert [s.name for s in steps] == ["gpu_tests"] + [n for n in NAMES if n.startswith("max_batch")]

@@ -124,13 +124,13 @@ def build_plan(opts: Options, probe: dict[str, Any]) -> tuple[list[Step], list[d
     memory = max((d["total_memory"] for d in probe.get("devices", [])), default=None)
 
     steps.append(_gpu_tests(opts))
-    steps.append(_speed(opts, "speed", backend, "none", False, COMPARE, ("mfu", "vs_swin")))
+    steps.append(_speed(opts, memory, "speed", backend, "none", False, COMPARE, ("mfu", "vs_swin")))
     if backend != "reference":
-        micro = fitting_micro_batch("reference", opts.micro_batch, memory)
-        steps.append(_speed(opts, "speed_reference", "reference", "none", False, (), ("natten_vs_reference",), micro))
+        goals = ("natten_vs_reference",)
+        steps.append(_speed(opts, memory, "speed_reference", "reference", "none", False, (), goals))
     steps += _training(opts)
-    steps.append(_speed(opts, "speed_ckpt_all", backend, "all", False, COMPARE, ("mfu",)))
-    steps.append(_speed(opts, "speed_compile", backend, "none", True, COMPARE, ("mfu", "vs_swin")))
+    steps.append(_speed(opts, memory, "speed_ckpt_all", backend, "all", False, COMPARE, ("mfu",)))
+    steps.append(_speed(opts, memory, "speed_compile", backend, "none", True, COMPARE, ("mfu", "vs_swin")))
     steps += [_max_batch(opts, backend, z, ac) for z in ZERO_STAGES for ac in CHECKPOINTING]
 
     chosen = []
@@ -173,15 +173,18 @@ def _gpu_tests(opts: Options) -> Step:
 
 def _speed(
     opts: Options,
+    memory: float | None,
     name: str,
     backend: str,
     checkpointing: str,
     compile_: bool,
     compare: tuple[str, ...],
     goals: tuple[str, ...],
-    micro: int | None = None,
 ) -> Step:
-    micro = micro or opts.micro_batch
+    """A dinat-bench speed run; on ``reference`` at the largest halving of the micro-batch that fits."""
+    micro = opts.micro_batch
+    if backend == "reference":
+        micro = fitting_micro_batch(backend, micro, memory, checkpointing)
     path = opts.out / "bench" / f"{name}.json"
     argv = _bench(opts) + ("--precision", "bf16", "--micro-batch", str(micro), "--attention-backend", backend)
     argv += ("--activation-checkpointing", checkpointing, "--zero-stage", "2")
@@ -191,8 +194,7 @@ def _speed(
     argv += ("--json", str(path))
     models = " vs ".join(("DiNAT-L", *(SHORT_NAMES.get(m, m) for m in compare)))
     what = f"{models}, bf16, {backend}, checkpointing {checkpointing}{', compiled' if compile_ else ''}, micro {micro}"
-    key = "speed" if name == "speed" else name
-    return Step(name, "speed", argv, _limit(opts, key), what, goals, (), str(path))
+    return Step(name, "speed", argv, _limit(opts, name), what, goals, (), str(path))
 
 
 def _max_batch(opts: Options, backend: str, zero: int, checkpointing: str) -> Step:
@@ -256,7 +258,7 @@ def _training(opts: Options) -> list[Step]:
 def fitting_micro_batch(backend: str, micro: int, memory_bytes: float | None, checkpointing: str = "none") -> int:
     """``micro``, halved until the memory plan of DiNAT-L (bf16, ZeRO-2, one GPU) on ``backend`` fits
     :data:`REFERENCE_MEMORY_FRACTION` of ``memory_bytes`` (the reference backend gathers each query's
-    neighbourhood: 85 GiB of activations at 64 images, 165 GiB at 128). Unknown memory: ``micro``."""
+    neighbourhood: a predicted peak of 85 GiB at 64 images, 165 GiB at 128). Unknown memory: ``micro``."""
     if memory_bytes is None:
         return micro
     import dinat

@@ -134,7 +134,7 @@ def execute(
     try:
         for step in steps:
             failed_need = [n for n in step.needs if n in outcomes and outcomes[n].status != "ok"]
-            left = budget_s - (time.monotonic() - started)
+            left = budget_s - (time.monotonic() - started) - grace_s  # a step stopped at its limit gets grace_s more
             if failed_need:
                 need = outcomes[failed_need[0]].status
                 outcome = Outcome("skipped", reason=f"needs {failed_need[0]}, which {_said(need)}")
