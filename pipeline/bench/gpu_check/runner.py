@@ -19,7 +19,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .parse import failure_reason, figures_of, log_tail
+from .parse import failure_reason, figures_of, log_tail, settle
 from .plan import ROOT, Step
 
 GRACE_S = 10.0
@@ -152,8 +152,10 @@ def execute(
                     raise
                 if outcome.status == "timeout" and limit < step.limit_s:
                     outcome.reason += f" (cut from {step.limit_s:.0f} s by the total budget)"
+            figures = figures_of(step, outcome) if outcome.status != "skipped" else {}
+            settle(step, outcome, figures)
             outcomes[step.name] = outcome
-            save(step, outcome, figures_of(step, outcome) if outcome.status != "skipped" else {})
+            save(step, outcome, figures)
     finally:
         for s, handler in previous.items():
             signal.signal(s, handler)
