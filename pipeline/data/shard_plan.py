@@ -1,0 +1,573 @@
+"""The plan: which input goes to which shard, made once from the class indexes and stored as compact columns.
+
+The plan depends only on the inputs' names and sizes and on the options, never on how many processes write it,
+so parts written by separate Slurm tasks compose and re-runs resume:
+
+* classes: sorted ids -> indices 0..N-1.
+* keys: see :mod:`pipeline.data.sources`; keys that then collide all get ``-{sha1(source)[:10]}``.
+* val: per class, the ``val_per_class`` items with the smallest ``sha1(f"{seed}:{key}")``, but never a whole
+  class: a class of n <= N items gives n - 1 (a class of one item has no val sample). Items that later fail to
+  decode are skipped where they fall, so such a class has fewer val samples.
+* order: train by ``sha1(f"{seed}:train:{key}")`` (a global shuffle), val by class then key; shards are
+  consecutive runs of that order, cut at ``shard_samples`` or at ``shard_bytes`` estimated from input sizes.
+
+Cost: the class indexes are read in parallel (one task per class); the main process holds, per image, an 8-byte
+hash prefix, a 4-byte size estimate, a 4-byte name length and the permutation (4 bytes) -- never one Python object
+per image -- and fills the columns one at a time from the class indexes. On disk (``OUT/.make-shards/``)::
+
+    plan.json              what was planned from what: options, classes, shard counts, one digest per shard job
+    plan-<digest>/         one row per sample, in shard order (train shards, then val shards):
+        label.npy (int32)  offset.npy (int64, -1: a file)  size.npy (int64)  name_end.npy (int64)  names.bin
+        shard_start.npy    (shards + 1,) int64: shard k is rows [shard_start[k], shard_start[k + 1])
+        tar_stat.npy       (classes, 2) int64: each class tar's size and mtime when planned
+
+so a write task reads its shards' rows and nothing else.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import shutil
+import tempfile
+import time
+from collections import Counter
+from collections.abc import Callable, Iterable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from .manifest import FORMAT, SPLITS, shard_name, write_json_atomic
+from .sources import (
+    Counts,
+    Listing,
+    decode_names,
+    index_class,
+    item_filter,
+    load_listing,
+    make_key,
+    save_listing,
+    source_name,
+    tar_stats,
+)
+
+log = logging.getLogger(__name__)
+
+WORK_DIR = ".make-shards"
+PLAN_NAME = "plan.json"
+PLAN_VERSION = 1
+TEST_PAUSE_ENV = "DINAT_MAKE_SHARDS_TEST_PAUSE"  # test-only: seconds to sleep after each class indexed / sample written
+BLOCK = 512
+SAMPLE_OVERHEAD_BLOCKS = 3  # .jpg header + .cls header + .cls data
+
+
+@dataclass(frozen=True)
+class Options:
+    """What the plan and the shard bytes depend on."""
+
+    seed: int = 0
+    val_per_class: int = 10
+    shard_size_mb: float = 256
+    shard_samples: int = 0  # > 0 overrides shard_size_mb
+    jpeg_quality: int = 95
+    max_side: int = 0  # 0: never resize
+
+    def __post_init__(self) -> None:
+        if self.val_per_class < 0 or self.shard_samples < 0 or self.max_side < 0:
+            raise ValueError("--val-per-class, --shard-samples and --max-side must be >= 0")
+        if self.shard_size_mb <= 0:
+            raise ValueError(f"--shard-size-mb must be > 0, got {self.shard_size_mb}")
+        if not 1 <= self.jpeg_quality <= 100:
+            raise ValueError(f"--jpeg-quality must be in 1..100, got {self.jpeg_quality}")
+
+    @property
+    def salt(self) -> str:
+        """The encoding settings, in every job digest."""
+        return f"{FORMAT}:{self.jpeg_quality}:{self.max_side}"
+
+
+def test_pause() -> float:
+    return float(os.environ.get(TEST_PAUSE_ENV) or 0)
+
+
+def _sha1(s: str) -> hashlib._Hash:
+    return hashlib.sha1(s.encode())
+
+
+# ---------------------------------------------------------------------------------------- one class (workers)
+
+
+def split_class(keys: list[str], seed: int, val_per_class: int) -> tuple[np.ndarray, np.ndarray]:
+    """(val item indices in key order, train-order hash prefix of every item as uint64) for one class."""
+    order = sorted(range(len(keys)), key=lambda i: _sha1(f"{seed}:{keys[i]}").digest())
+    n_val = min(val_per_class, max(len(keys) - 1, 0))
+    val = np.array(sorted(order[:n_val], key=keys.__getitem__), dtype=np.int64)
+    prefix = np.fromiter(
+        (int.from_bytes(_sha1(f"{seed}:train:{k}").digest()[:8], "big") for k in keys), dtype=np.uint64, count=len(keys)
+    )
+    return val, prefix
+
+
+@dataclass
+class ClassPlan:
+    """What the planner keeps of one class: per candidate image a hash prefix, a size estimate and a name length."""
+
+    excluded: np.ndarray  # listing indices that are not candidate images
+    prefix: np.ndarray  # (n,) uint64
+    blocks: np.ndarray  # (n,) uint32: estimated 512-byte tar blocks of the sample
+    lens: np.ndarray  # (n,) int32: bytes of the name
+    val: np.ndarray  # indices (into the n candidates) of the val items, in key order
+    skipped: list[dict[str, str]]
+    count: Counts = field(default_factory=Counter)
+
+
+@dataclass(frozen=True)
+class ClassTask:
+    src: str
+    layout: str
+    class_id: str
+    cache: str
+    seed: int
+    val_per_class: int
+    keys: dict[int, str] = field(default_factory=dict)  # candidate index -> key, where collisions were resolved
+
+
+def candidates(listing: Listing, task: ClassTask) -> tuple[np.ndarray, list[str], list[dict[str, str]]]:
+    """(listing indices of candidate images, their keys, skip records for the rest)."""
+    keep, skipped = item_filter(listing, task.class_id, task.layout)
+    keys = [task.keys.get(j) or make_key(task.class_id, listing.names[i]) for j, i in enumerate(keep.tolist())]
+    return keep, keys, skipped
+
+
+def plan_class(task: ClassTask) -> ClassPlan:
+    """Index one class (or load its cached index) and compute what the planner needs of it."""
+    count: Counts = Counter()
+    listing = index_class(Path(task.src), task.layout, task.class_id, Path(task.cache), count)
+    if task.layout == "folders":  # not reusable (no cheap change test), but the planner reads it back below
+        save_listing(Path(task.cache) / f"{task.class_id}.npz", listing, (-1, -1))
+    keep, keys, skipped = candidates(listing, task)
+    val, prefix = split_class(keys, task.seed, task.val_per_class)
+    sizes = listing.sizes[keep]
+    if pause := test_pause():
+        time.sleep(pause)
+    return ClassPlan(
+        excluded=np.setdiff1d(np.arange(len(listing.names)), keep),
+        prefix=prefix,
+        blocks=(SAMPLE_OVERHEAD_BLOCKS + -(-sizes // BLOCK)).astype(np.uint32),
+        lens=np.array([len(listing.names[i].encode("utf-8", "surrogateescape")) for i in keep.tolist()], np.int32),
+        val=val,
+        skipped=listing.skipped + skipped,
+        count=count,
+    )
+
+
+# ------------------------------------------------------------------------------------------- the whole plan
+
+
+def chunk_bounds(blocks: np.ndarray, shard_samples: int, shard_bytes: float) -> np.ndarray:
+    """Start of each shard within ``blocks`` (estimated tar blocks per item, in order), then len(blocks):
+    ``shard_samples`` items each when > 0, else as many as fit in ``shard_bytes`` (at least one)."""
+    n = len(blocks)
+    if n == 0:
+        return np.zeros(1, dtype=np.int64)
+    if shard_samples:
+        return np.append(np.arange(0, n, shard_samples, dtype=np.int64), n)
+    ends = np.cumsum(blocks, dtype=np.int64) * BLOCK  # ends[j]: bytes of items 0..j
+    starts, s = [0], 0
+    while s < n:
+        before = ends[s - 1] if s else 0
+        e = max(s + 1, int(np.searchsorted(ends, before + shard_bytes, side="right")))
+        starts.append(min(e, n))
+        s = e
+    return np.array(starts, dtype=np.int64)
+
+
+@dataclass
+class _Classes:
+    """Per-class results held while planning, and the global item numbering (class by class)."""
+
+    ids: list[str]
+    start: np.ndarray  # (classes + 1,) first global item id of each class
+    excluded: list[np.ndarray]
+    val: list[np.ndarray]
+
+
+def _concat(parts: list[np.ndarray], dtype: Any) -> np.ndarray:
+    out = np.empty(sum(len(p) for p in parts), dtype=dtype)
+    i = 0
+    for p in parts:
+        out[i : i + len(p)] = p
+        i += len(p)
+    parts.clear()
+    return out
+
+
+def _class_of(cls: _Classes, gids: np.ndarray) -> np.ndarray:
+    return np.searchsorted(cls.start, gids, side="right") - 1
+
+
+def _listing(cache: Path, class_id: str, stat: tuple[int, int], decode: bool = True) -> Listing:
+    listing = load_listing(cache / f"{class_id}.npz", stat, decode)
+    if listing is None:
+        raise ValueError(f"{class_id}: its input changed while the plan was being made; run again")
+    return listing
+
+
+class Planner:
+    """Builds the plan of one SRC in ``work`` (``OUT/.make-shards``); see the module docstring."""
+
+    def __init__(self, src: Path, work: Path, layout: str, class_ids: list[str], opts: Options, mapper: Callable):
+        self.src, self.work, self.layout, self.opts, self.mapper = src, work, layout, opts, mapper
+        self.cache = work / "sources"
+        self.stats = (
+            tar_stats(src, class_ids) if layout == "synset-tars" else np.full((len(class_ids), 2), -1, np.int64)
+        )
+        self.cls = _Classes(class_ids, np.zeros(1, np.int64), [], [])
+        self.keys: dict[int, str] = {}  # global item id -> key, for resolved collisions
+        self.count: Counts = Counter()
+        self.skipped: list[dict[str, str]] = []
+
+    def stat(self, c: int) -> tuple[int, int]:
+        return int(self.stats[c, 0]), int(self.stats[c, 1])
+
+    def task(self, c: int, keys: dict[int, str] | None = None) -> ClassTask:
+        o = self.opts
+        return ClassTask(str(self.src), self.layout, self.cls.ids[c], str(self.cache), o.seed, o.val_per_class,
+                         keys or {})  # fmt: skip
+
+    # -- pass 1: index every class, keep the compact per-item values
+    def index(self, progress: Any) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        self.cache.mkdir(parents=True, exist_ok=True)
+        prefix, blocks, lens, sizes = [], [], [], [0]
+        for cp in self.mapper(plan_class, [self.task(c) for c in range(len(self.cls.ids))]):
+            prefix.append(cp.prefix)
+            blocks.append(cp.blocks)
+            lens.append(cp.lens)
+            sizes.append(len(cp.prefix))
+            self.cls.excluded.append(cp.excluded)
+            self.cls.val.append(cp.val)
+            self.skipped += cp.skipped
+            self.count.update(cp.count)
+            progress.update(1)
+        self.cls.start = np.cumsum(sizes, dtype=np.int64)
+        return _concat(prefix, np.uint64), _concat(blocks, np.uint32), _concat(lens, np.int32)
+
+    def keys_of(self, gids: Iterable[int]) -> dict[int, tuple[str, str]]:
+        """Global item id -> (key, source) (reads the class indexes; for the rare items that need it)."""
+        out: dict[int, tuple[str, str]] = {}
+        gids = sorted(set(int(g) for g in gids))
+        for c in sorted(set(_class_of(self.cls, np.array(gids, np.int64)).tolist())):
+            listing = _listing(self.cache, self.cls.ids[c], self.stat(c))
+            local = {g - int(self.cls.start[c]): g for g in gids if self.cls.start[c] <= g < self.cls.start[c + 1]}
+            keep, keys, _ = candidates(listing, self.task(c, self._class_keys(c)))
+            for j, g in local.items():
+                out[g] = keys[j], source_name(self.layout, self.cls.ids[c], listing.names[keep[j]])
+        return out
+
+    def _class_keys(self, c: int) -> dict[int, str]:
+        lo, hi = int(self.cls.start[c]), int(self.cls.start[c + 1])
+        return {g - lo: k for g, k in self.keys.items() if lo <= g < hi}
+
+    def resolve_collisions(self, prefix: np.ndarray) -> None:
+        """Keys equal after sanitising all get ``-{sha1(source)[:10]}``; equal keys have equal hash prefixes, so
+        only items sharing a prefix are looked at. Their classes are split again with the new keys."""
+        for _ in range(2):
+            s = np.sort(prefix)
+            shared = np.unique(s[1:][s[1:] == s[:-1]])
+            del s
+            if not len(shared):
+                return
+            found = self.keys_of(np.flatnonzero(np.isin(prefix, shared)))
+            by_key: dict[str, list[int]] = {}
+            for g, (key, _) in found.items():
+                by_key.setdefault(key, []).append(g)
+            dup = {g for gs in by_key.values() if len(gs) > 1 for g in gs}
+            if not dup:
+                return
+            if dup & self.keys.keys():
+                raise ValueError(f"sample keys not unique even after hashing sources: {sorted(by_key)[:5]}")
+            for g in dup:
+                key, source = found[g]
+                self.keys[g] = f"{key}-{hashlib.sha1(source.encode()).hexdigest()[:10]}"
+            for c in sorted(set(_class_of(self.cls, np.array(sorted(dup), np.int64)).tolist())):
+                lo, hi = int(self.cls.start[c]), int(self.cls.start[c + 1])
+                _, keys, _ = candidates(
+                    _listing(self.cache, self.cls.ids[c], self.stat(c)), self.task(c, self._class_keys(c))
+                )
+                self.cls.val[c], prefix[lo:hi] = split_class(keys, self.opts.seed, self.opts.val_per_class)
+        raise ValueError("sample keys not unique even after hashing sources")
+
+    def train_order(self, prefix: np.ndarray, is_val: np.ndarray) -> np.ndarray:
+        """Train item ids (int32) sorted by their full train hash (the prefix, ties settled by the whole digest)."""
+        order = np.argsort(prefix, kind="stable")
+        order = order[~is_val[order]].astype(np.int32)
+        p = prefix[order]
+        ties = np.flatnonzero(p[1:] == p[:-1])
+        del p
+        if len(ties):
+            runs = sorted(set(ties.tolist()) | set((ties + 1).tolist()))
+            keys = self.keys_of(order[runs])
+            seed = self.opts.seed
+            # Consecutive tied positions form runs; each run is re-sorted by the whole digest.
+            groups: list[list[int]] = []
+            for pos in runs:
+                if groups and pos == groups[-1][-1] + 1 and prefix[order[pos]] == prefix[order[groups[-1][-1]]]:
+                    groups[-1].append(pos)
+                else:
+                    groups.append([pos])
+            for g in groups:
+                ids = sorted(order[g].tolist(), key=lambda i: _sha1(f"{seed}:train:{keys[i][0]}").digest())
+                order[g] = ids
+        return order
+
+    def build(self, progress: Any) -> tuple[Path, dict[str, Any]]:
+        """Index, order, chunk and write the columns into a new directory; (its path, the plan summary)."""
+        prefix, blocks, lens = self.index(progress)
+        progress.close()
+        n = len(prefix)
+        log.info("plan: %d candidate images in %d classes; ordering", n, len(self.cls.ids))
+        self.resolve_collisions(prefix)
+        is_val = np.zeros(n, dtype=bool)
+        val_ids = _concat([v + self.cls.start[c] for c, v in enumerate(self.cls.val)], np.int64)
+        is_val[val_ids] = True
+        rows = np.empty(n, dtype=np.int32)  # row -> global item id
+        n_train = n - len(val_ids)
+        rows[:n_train] = self.train_order(prefix, is_val)
+        rows[n_train:] = val_ids
+        del prefix, is_val, val_ids
+        o = self.opts
+        shard_bytes = 0 if o.shard_samples else o.shard_size_mb * 2**20
+        bounds = [chunk_bounds(blocks[rows[:n_train]], o.shard_samples, shard_bytes),
+                  n_train + chunk_bounds(blocks[rows[n_train:]], o.shard_samples, shard_bytes)]  # fmt: skip
+        del blocks
+        shard_start = np.concatenate([bounds[0], bounds[1][1:]]) if n_train else bounds[1]
+        counts = {"train": len(bounds[0]) - 1, "val": len(bounds[1]) - 1}
+        tmp = Path(tempfile.mkdtemp(dir=self.work, prefix=".plan-"))
+        self._write_columns(tmp, rows, lens, shard_start)
+        summary = {
+            "shards": counts,
+            "samples": {"train": int(n_train), "val": int(n - n_train)},
+            "keys": {str(int(r)): self.keys[int(g)] for r, g in enumerate(rows) if int(g) in self.keys}
+            if self.keys
+            else {},
+        }
+        return tmp, summary
+
+    def _write_columns(self, d: Path, rows: np.ndarray, lens: np.ndarray, shard_start: np.ndarray) -> None:
+        """The row columns, filled class by class from the class indexes (``rows``: row -> global item id)."""
+        n = len(rows)
+        np.save(d / "shard_start.npy", shard_start)
+        np.save(d / "tar_stat.npy", self.stats)
+        np.save(d / "label.npy", _class_of(self.cls, rows).astype(np.int32))
+        name_end = np.cumsum(lens[rows], dtype=np.int64)
+        del lens
+        np.save(d / "name_end.npy", name_end)
+        pos = np.empty(n, dtype=np.int32)  # global item id -> row
+        pos[rows] = np.arange(n, dtype=np.int32)
+        del rows
+        names = np.empty(int(name_end[-1]) if n else 0, dtype=np.uint8)
+        offset, size = np.empty(n, dtype=np.int64), np.empty(n, dtype=np.int64)
+        for c, class_id in enumerate(self.cls.ids):
+            listing = _listing(self.cache, class_id, self.stat(c), decode=False)
+            keep = np.setdiff1d(np.arange(len(listing.sizes)), self.cls.excluded[c])
+            r = pos[self.cls.start[c] : self.cls.start[c + 1]]
+            offset[r], size[r] = listing.offsets[keep], listing.sizes[keep]
+            # Copy each kept name's bytes to where its row's name goes: (bytes,) index arrays for the class.
+            src_end = listing.ends[keep]
+            length = src_end - np.concatenate([[0], listing.ends])[keep]
+            dst_end = name_end[r]
+            within = np.arange(int(length.sum())) - np.repeat(np.cumsum(length) - length, length)
+            names[np.repeat(dst_end - length, length) + within] = listing.blob[
+                np.repeat(src_end - length, length) + within
+            ]
+        np.save(d / "offset.npy", offset)
+        np.save(d / "size.npy", size)
+        with open(d / "names.bin", "wb") as f:
+            f.write(names.data)
+        for p in d.iterdir():
+            _fsync(p)
+
+
+def _fsync(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+# -------------------------------------------------------------------------------------------- reading a plan
+
+
+@dataclass
+class Rows:
+    """One shard's items, in order."""
+
+    labels: list[int]
+    offsets: list[int]
+    sizes: list[int]
+    names: list[str]
+    keys: list[str]
+    sources: list[str]
+
+
+class Plan:
+    """A plan: its summary (``info``) and its columns in ``d`` (memory-mapped: a reader touches its rows only)."""
+
+    def __init__(self, d: Path, info: dict[str, Any]):
+        self.dir, self.info = d, info
+        self.class_ids: list[str] = info["classes"]
+        self.layout: str = info["layout"]
+        self.keys = {int(r): k for r, k in info.get("keys", {}).items()}
+        self._cols: dict[str, np.ndarray] = {}
+
+    @classmethod
+    def load(cls, work: Path) -> Plan:
+        """The committed plan in ``work``; FileNotFoundError when there is none, ValueError when unusable."""
+        path = work / PLAN_NAME
+        try:
+            info = json.loads(path.read_text())
+        except FileNotFoundError:
+            raise FileNotFoundError(f"{path}: no plan") from None
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{path}: not valid JSON ({e})") from None
+        if info.get("version") != PLAN_VERSION:
+            raise ValueError(f"{path}: made by another version of dinat-make-shards; make the plan again")
+        if not (work / info["dir"]).is_dir():
+            raise ValueError(f"{path}: its columns ({info['dir']}) are missing; make the plan again")
+        return cls(work / info["dir"], info)
+
+    def col(self, name: str) -> np.ndarray:
+        if name not in self._cols:
+            self._cols[name] = np.load(self.dir / f"{name}.npy", mmap_mode="r", allow_pickle=False)
+        return self._cols[name]
+
+    @property
+    def names(self) -> list[str]:
+        """Every shard's name, train then val (the job order: job k is shard ``names[k]``)."""
+        return [shard_name(s, i) for s in SPLITS for i in range(self.info["shards"][s])]
+
+    def tar_stat(self, label: int) -> tuple[int, int]:
+        s = self.col("tar_stat")[label]
+        return int(s[0]), int(s[1])
+
+    def rows(self, k: int) -> Rows:
+        """Shard ``k``'s items: reads its rows of each column and its names, nothing else."""
+        start = self.col("shard_start")
+        a, b = int(start[k]), int(start[k + 1])
+        ends = np.asarray(self.col("name_end")[a:b])
+        first = int(self.col("name_end")[a - 1]) if a else 0
+        with open(self.dir / "names.bin", "rb") as f:
+            data = os.pread(f.fileno(), int(ends[-1]) - first, first) if b > a else b""
+        names = decode_names(data, ends, first)
+        labels = np.asarray(self.col("label")[a:b]).tolist()
+        keys = [self.keys.get(a + j) or make_key(self.class_ids[c], n) for j, (c, n) in enumerate(zip(labels, names))]
+        sources = [source_name(self.layout, self.class_ids[c], n) for c, n in zip(labels, names)]
+        offsets, sizes = np.asarray(self.col("offset")[a:b]).tolist(), np.asarray(self.col("size")[a:b]).tolist()
+        return Rows(labels, offsets, sizes, names, keys, sources)
+
+
+_OPEN: dict[str, Plan] = {}  # a worker process's plans, by directory
+
+
+def open_plan(d: str) -> Plan:
+    """The plan whose columns are in ``d``, read once per process (its summary from ``d/summary.json``)."""
+    if d not in _OPEN:
+        _OPEN.clear()
+        _OPEN[d] = Plan(Path(d), json.loads((Path(d) / "summary.json").read_text()))
+    return _OPEN[d]
+
+
+def job_digest(name: str, rows: Rows, salt: str) -> str:
+    """What a shard's bytes depend on: the encoding settings and every item (key, source, label, size, offset)."""
+    h = hashlib.sha256(f"{salt}\t{name}\n".encode())
+    for key, source, label, size, offset in zip(rows.keys, rows.sources, rows.labels, rows.sizes, rows.offsets):
+        h.update(f"{key}\t{source}\t{label}\t{size}\t{offset}\n".encode())
+    return h.hexdigest()
+
+
+def digest_shards(task: tuple[str, str, int, int]) -> list[str]:
+    """Job digests of shards [a, b) of the plan in directory ``d`` (a worker's share of the planning's last step)."""
+    d, salt, a, b = task
+    plan = open_plan(d)
+    names = plan.names
+    return [job_digest(names[k], plan.rows(k), salt) for k in range(a, b)]
+
+
+def fingerprint(src: Path, layout: str, class_ids: list[str], stats: np.ndarray, opts: Options) -> str | None:
+    """What a plan was made from (names, sizes and mtimes of the tars, the options); None for folders, which
+    cannot be checked without listing every file."""
+    if layout != "synset-tars":
+        return None
+    h = hashlib.sha256(json.dumps([PLAN_VERSION, str(src.resolve()), layout, asdict(opts)]).encode())
+    for c, s in zip(class_ids, stats.tolist()):
+        h.update(f"{c}\t{s[0]}\t{s[1]}\n".encode())
+    return h.hexdigest()
+
+
+def make_plan(
+    src: Path,
+    work: Path,
+    layout: str,
+    class_ids: list[str],
+    top_skipped: list[dict[str, str]],
+    opts: Options,
+    mapper: Callable,
+    progress: Any,
+    stats: Counts,
+) -> Plan:
+    """Make the plan of ``src`` in ``work`` (or keep the committed one when its inputs are unchanged); the Plan.
+
+    ``mapper(f, tasks)`` runs tasks in order (``pool.imap``); ``progress`` counts classes indexed; ``stats``
+    receives the index pass's I/O counts."""
+    work.mkdir(parents=True, exist_ok=True)
+    planner = Planner(src, work, layout, class_ids, opts, mapper)
+    fp = fingerprint(src, layout, class_ids, planner.stats, opts)
+    if fp is not None and (work / PLAN_NAME).is_file():
+        try:
+            old = Plan.load(work)
+        except (OSError, ValueError):
+            old = None
+        if old is not None and old.info.get("fingerprint") == fp:
+            progress.close()
+            log.info("plan: kept %s (the tars and the options are unchanged)", work / PLAN_NAME)
+            return old
+    for leftover in work.glob(".plan-*"):
+        shutil.rmtree(leftover, ignore_errors=True)
+    tmp, summary = planner.build(progress)
+    stats.update(planner.count)
+    info = {
+        "version": PLAN_VERSION,
+        "fingerprint": fp,
+        "source": str(src.resolve()),
+        "layout": layout,
+        "options": asdict(opts),
+        "classes": class_ids,
+        **summary,
+        "skipped": top_skipped + planner.skipped,
+        "counts": {k: int(v) for k, v in sorted(planner.count.items())},
+    }
+    (tmp / "summary.json").write_text(json.dumps(info))
+    total = summary["shards"]["train"] + summary["shards"]["val"]
+    step = max(1, -(-total // 256))
+    jobs = [d for part in mapper(digest_shards, [(str(tmp), opts.salt, a, min(a + step, total))
+                                                 for a in range(0, total, step)]) for d in part]  # fmt: skip
+    digest = hashlib.sha256("".join(jobs).encode()).hexdigest()
+    final = work / f"plan-{digest[:16]}"
+    shutil.rmtree(final, ignore_errors=True)
+    os.replace(tmp, final)
+    info.update(dir=final.name, digest=digest, jobs=jobs)
+    (final / "summary.json").write_text(json.dumps(info))
+    _fsync(final / "summary.json")
+    write_json_atomic(work / PLAN_NAME, info)
+    for stale in work.glob("plan-*"):
+        if stale != final:
+            shutil.rmtree(stale, ignore_errors=True)
+    sh, sa = summary["shards"], summary["samples"]
+    log.info("plan: %d train + %d val shards, %d + %d samples, in %s", sh["train"], sh["val"], sa["train"], sa["val"],
+             final)  # fmt: skip
+    return Plan(final, info)
