@@ -48,8 +48,8 @@ from .sources import (
     decode_names,
     index_class,
     item_filter,
+    key_maker,
     load_listing,
-    make_key,
     save_listing,
     source_name,
     tar_stats,
@@ -139,7 +139,10 @@ class ClassTask:
 def candidates(listing: Listing, task: ClassTask) -> tuple[np.ndarray, list[str], list[dict[str, str]]]:
     """(listing indices of candidate images, their keys, skip records for the rest)."""
     keep, skipped = item_filter(listing, task.class_id, task.layout)
-    keys = [task.keys.get(j) or make_key(task.class_id, listing.names[i]) for j, i in enumerate(keep.tolist())]
+    key = key_maker(task.class_id)
+    keys = [key(listing.names[i]) for i in keep.tolist()]
+    for j, k in task.keys.items():
+        keys[j] = k
     return keep, keys, skipped
 
 
@@ -148,14 +151,14 @@ def plan_class(task: ClassTask) -> ClassPlan:
     count: Counts = Counter()
     listing = index_class(Path(task.src), task.layout, task.class_id, Path(task.cache), count)
     if task.layout == "folders":  # not reusable (no cheap change test), but the planner reads it back below
-        save_listing(Path(task.cache) / f"{task.class_id}.npz", listing, (-1, -1))
+        save_listing(Path(task.cache) / f"{task.class_id}.idx", listing, (-1, -1))
     keep, keys, skipped = candidates(listing, task)
     val, prefix = split_class(keys, task.seed, task.val_per_class)
     sizes = listing.sizes[keep]
     if pause := test_pause():
         time.sleep(pause)
     return ClassPlan(
-        excluded=np.setdiff1d(np.arange(len(listing.names)), keep),
+        excluded=np.flatnonzero(np.isin(np.arange(len(listing.names)), keep, invert=True)),
         prefix=prefix,
         blocks=(SAMPLE_OVERHEAD_BLOCKS + -(-sizes // BLOCK)).astype(np.uint32),
         lens=np.array([len(listing.names[i].encode("utf-8", "surrogateescape")) for i in keep.tolist()], np.int32),
@@ -176,7 +179,8 @@ def chunk_bounds(blocks: np.ndarray, shard_samples: int, shard_bytes: float) -> 
         return np.zeros(1, dtype=np.int64)
     if shard_samples:
         return np.append(np.arange(0, n, shard_samples, dtype=np.int64), n)
-    ends = np.cumsum(blocks, dtype=np.int64) * BLOCK  # ends[j]: bytes of items 0..j
+    ends = np.cumsum(blocks, dtype=np.int64)  # ends[j]: bytes of items 0..j
+    ends *= BLOCK
     starts, s = [0], 0
     while s < n:
         before = ends[s - 1] if s else 0
@@ -211,7 +215,7 @@ def _class_of(cls: _Classes, gids: np.ndarray) -> np.ndarray:
 
 
 def _listing(cache: Path, class_id: str, stat: tuple[int, int], decode: bool = True) -> Listing:
-    listing = load_listing(cache / f"{class_id}.npz", stat, decode)
+    listing = load_listing(cache / f"{class_id}.idx", stat, decode)
     if listing is None:
         raise ValueError(f"{class_id}: its input changed while the plan was being made; run again")
     return listing
@@ -303,8 +307,8 @@ class Planner:
 
     def train_order(self, prefix: np.ndarray, is_val: np.ndarray) -> np.ndarray:
         """Train item ids (int32) sorted by their full train hash (the prefix, ties settled by the whole digest)."""
-        order = np.argsort(prefix, kind="stable")
-        order = order[~is_val[order]].astype(np.int32)
+        order = np.argsort(prefix, kind="stable").astype(np.int32)
+        order = order[~is_val[order]]
         p = prefix[order]
         ties = np.flatnonzero(p[1:] == p[:-1])
         del p
@@ -325,71 +329,79 @@ class Planner:
         return order
 
     def build(self, progress: Any) -> tuple[Path, dict[str, Any]]:
-        """Index, order, chunk and write the columns into a new directory; (its path, the plan summary)."""
-        prefix, blocks, lens = self.index(progress)
-        progress.close()
-        n = len(prefix)
-        log.info("plan: %d candidate images in %d classes; ordering", n, len(self.cls.ids))
-        self.resolve_collisions(prefix)
-        is_val = np.zeros(n, dtype=bool)
-        val_ids = _concat([v + self.cls.start[c] for c, v in enumerate(self.cls.val)], np.int64)
-        is_val[val_ids] = True
-        rows = np.empty(n, dtype=np.int32)  # row -> global item id
-        n_train = n - len(val_ids)
-        rows[:n_train] = self.train_order(prefix, is_val)
-        rows[n_train:] = val_ids
-        del prefix, is_val, val_ids
-        o = self.opts
-        shard_bytes = 0 if o.shard_samples else o.shard_size_mb * 2**20
-        bounds = [chunk_bounds(blocks[rows[:n_train]], o.shard_samples, shard_bytes),
-                  n_train + chunk_bounds(blocks[rows[n_train:]], o.shard_samples, shard_bytes)]  # fmt: skip
-        del blocks
-        shard_start = np.concatenate([bounds[0], bounds[1][1:]]) if n_train else bounds[1]
-        counts = {"train": len(bounds[0]) - 1, "val": len(bounds[1]) - 1}
-        tmp = Path(tempfile.mkdtemp(dir=self.work, prefix=".plan-"))
-        self._write_columns(tmp, rows, lens, shard_start)
-        summary = {
-            "shards": counts,
-            "samples": {"train": int(n_train), "val": int(n - n_train)},
-            "keys": {str(int(r)): self.keys[int(g)] for r, g in enumerate(rows) if int(g) in self.keys}
-            if self.keys
-            else {},
-        }
-        return tmp, summary
+        """Index, order, chunk and write the columns into a new directory; (its path, the plan summary).
 
-    def _write_columns(self, d: Path, rows: np.ndarray, lens: np.ndarray, shard_start: np.ndarray) -> None:
-        """The row columns, filled class by class from the class indexes (``rows``: row -> global item id)."""
+        Arrays live in ``a`` and are dropped as soon as they are used: the peak is what one step needs."""
+        a: dict[str, np.ndarray] = dict(zip(("prefix", "blocks", "lens"), self.index(progress)))
+        progress.close()
+        n = len(a["prefix"])
+        log.info("plan: %d candidate images in %d classes; ordering", n, len(self.cls.ids))
+        self.resolve_collisions(a["prefix"])
+        val_ids = _concat([v + self.cls.start[c] for c, v in enumerate(self.cls.val)], np.int64)
+        is_val = np.zeros(n, dtype=bool)
+        is_val[val_ids] = True
+        n_train = n - len(val_ids)
+        a["rows"] = np.empty(n, dtype=np.int32)  # row -> global item id: train rows, then val rows
+        a["rows"][:n_train] = self.train_order(a.pop("prefix"), is_val)
+        a["rows"][n_train:] = val_ids
+        del is_val, val_ids
+        o, blocks = self.opts, a.pop("blocks")
+        shard_bytes = 0 if o.shard_samples else o.shard_size_mb * 2**20
+        train = chunk_bounds(blocks[a["rows"][:n_train]], o.shard_samples, shard_bytes)
+        val = n_train + chunk_bounds(blocks[a["rows"][n_train:]], o.shard_samples, shard_bytes)
+        del blocks
+        a["shard_start"] = np.concatenate([train, val[1:]])
+        tmp = Path(tempfile.mkdtemp(dir=self.work, prefix=".plan-"))
+        keys = self._write_columns(tmp, a)
+        return tmp, {
+            "shards": {"train": len(train) - 1, "val": len(val) - 1},
+            "samples": {"train": int(n_train), "val": int(n - n_train)},
+            "keys": keys,
+        }
+
+    def _write_columns(self, d: Path, a: dict[str, np.ndarray]) -> dict[str, str]:
+        """The row columns, filled class by class from the class indexes (``a``: rows, lens, shard_start; taken
+        and freed); the resolved keys by row."""
+        rows = a.pop("rows")
         n = len(rows)
-        np.save(d / "shard_start.npy", shard_start)
+        np.save(d / "shard_start.npy", a.pop("shard_start"))
         np.save(d / "tar_stat.npy", self.stats)
         np.save(d / "label.npy", _class_of(self.cls, rows).astype(np.int32))
-        name_end = np.cumsum(lens[rows], dtype=np.int64)
-        del lens
+        name_end = np.cumsum(a.pop("lens")[rows], dtype=np.int64)
         np.save(d / "name_end.npy", name_end)
         pos = np.empty(n, dtype=np.int32)  # global item id -> row
         pos[rows] = np.arange(n, dtype=np.int32)
         del rows
-        names = np.empty(int(name_end[-1]) if n else 0, dtype=np.uint8)
+        keys = {str(int(pos[g])): k for g, k in sorted(self.keys.items())}
+        # Two passes over the class indexes, so that only one set of output columns is held at a time.
         offset, size = np.empty(n, dtype=np.int64), np.empty(n, dtype=np.int64)
-        for c, class_id in enumerate(self.cls.ids):
-            listing = _listing(self.cache, class_id, self.stat(c), decode=False)
-            keep = np.setdiff1d(np.arange(len(listing.sizes)), self.cls.excluded[c])
-            r = pos[self.cls.start[c] : self.cls.start[c + 1]]
+        for listing, keep, r in self._classes(pos):
             offset[r], size[r] = listing.offsets[keep], listing.sizes[keep]
-            # Copy each kept name's bytes to where its row's name goes: (bytes,) index arrays for the class.
-            src_end = listing.ends[keep]
-            length = src_end - np.concatenate([[0], listing.ends])[keep]
-            dst_end = name_end[r]
-            within = np.arange(int(length.sum())) - np.repeat(np.cumsum(length) - length, length)
-            names[np.repeat(dst_end - length, length) + within] = listing.blob[
-                np.repeat(src_end - length, length) + within
-            ]
         np.save(d / "offset.npy", offset)
         np.save(d / "size.npy", size)
+        del offset, size
+        names = np.empty(int(name_end[-1]) if n else 0, dtype=np.uint8)
+        for listing, keep, r in self._classes(pos):
+            # Each kept name's bytes go where its row's name ends: (bytes,) index arrays for the class.
+            src_end = listing.ends[keep]
+            length = src_end - np.concatenate([[0], listing.ends])[keep]
+            within = np.arange(int(length.sum())) - np.repeat(np.cumsum(length) - length, length)
+            dst = np.repeat(name_end[r] - length, length) + within
+            names[dst] = listing.blob[np.repeat(src_end - length, length) + within]
         with open(d / "names.bin", "wb") as f:
             f.write(names.data)
         for p in d.iterdir():
             _fsync(p)
+        return keys
+
+    def _classes(self, pos: np.ndarray) -> Iterable[tuple[Listing, np.ndarray, np.ndarray]]:
+        """(a class's index with names undecoded, listing indices of its candidates, their rows), class by class."""
+        for c, class_id in enumerate(self.cls.ids):
+            listing = _listing(self.cache, class_id, self.stat(c), decode=False)
+            keep = np.ones(len(listing.sizes), dtype=bool)
+            keep[self.cls.excluded[c]] = False
+            keep = np.flatnonzero(keep)
+            yield listing, keep, pos[self.cls.start[c] : self.cls.start[c + 1]]
 
 
 def _fsync(path: Path) -> None:
@@ -423,7 +435,8 @@ class Plan:
         self.class_ids: list[str] = info["classes"]
         self.layout: str = info["layout"]
         self.keys = {int(r): k for r, k in info.get("keys", {}).items()}
-        self._cols: dict[str, np.ndarray] = {}
+        self._cols: dict[str, tuple[int, int, np.dtype]] = {}  # column -> (data offset, rows, dtype)
+        self._small: dict[str, np.ndarray] = {}
 
     @classmethod
     def load(cls, work: Path) -> Plan:
@@ -441,10 +454,28 @@ class Plan:
             raise ValueError(f"{path}: its columns ({info['dir']}) are missing; make the plan again")
         return cls(work / info["dir"], info)
 
-    def col(self, name: str) -> np.ndarray:
+    def col(self, name: str, a: int = 0, b: int | None = None) -> np.ndarray:
+        """Rows [a, b) of a column, read with ``pread`` (not memory-mapped: a reader's resident memory stays what
+        it asked for, however many rows it reads over time); small columns are read whole once and kept."""
+        if name in ("shard_start", "tar_stat"):
+            if name not in self._small:
+                self._small[name] = np.load(self.dir / f"{name}.npy", allow_pickle=False)
+            return self._small[name][a:b]
         if name not in self._cols:
-            self._cols[name] = np.load(self.dir / f"{name}.npy", mmap_mode="r", allow_pickle=False)
-        return self._cols[name]
+            with open(self.dir / f"{name}.npy", "rb") as f:
+                version = np.lib.format.read_magic(f)
+                read = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
+                shape, _, dtype = read(f)
+                self._cols[name] = (f.tell(), shape[0], dtype)
+        data_at, n, dtype = self._cols[name]
+        b = n if b is None else min(b, n)
+        if b <= a:
+            return np.empty(0, dtype)
+        fd = os.open(self.dir / f"{name}.npy", os.O_RDONLY)
+        try:
+            return np.frombuffer(os.pread(fd, (b - a) * dtype.itemsize, data_at + a * dtype.itemsize), dtype)
+        finally:
+            os.close(fd)
 
     @property
     def names(self) -> list[str]:
@@ -459,15 +490,20 @@ class Plan:
         """Shard ``k``'s items: reads its rows of each column and its names, nothing else."""
         start = self.col("shard_start")
         a, b = int(start[k]), int(start[k + 1])
-        ends = np.asarray(self.col("name_end")[a:b])
-        first = int(self.col("name_end")[a - 1]) if a else 0
+        ends = self.col("name_end", max(a - 1, 0), b)
+        first = int(ends[0]) if a else 0
+        ends = ends[1:] if a else ends
         with open(self.dir / "names.bin", "rb") as f:
             data = os.pread(f.fileno(), int(ends[-1]) - first, first) if b > a else b""
         names = decode_names(data, ends, first)
-        labels = np.asarray(self.col("label")[a:b]).tolist()
-        keys = [self.keys.get(a + j) or make_key(self.class_ids[c], n) for j, (c, n) in enumerate(zip(labels, names))]
+        labels = self.col("label", a, b).tolist()
+        makers: dict[int, Callable[[str], str]] = {}
+        keys = [
+            self.keys.get(a + j) or (makers.get(c) or makers.setdefault(c, key_maker(self.class_ids[c])))(n)
+            for j, (c, n) in enumerate(zip(labels, names))
+        ]
         sources = [source_name(self.layout, self.class_ids[c], n) for c, n in zip(labels, names)]
-        offsets, sizes = np.asarray(self.col("offset")[a:b]).tolist(), np.asarray(self.col("size")[a:b]).tolist()
+        offsets, sizes = self.col("offset", a, b).tolist(), self.col("size", a, b).tolist()
         return Rows(labels, offsets, sizes, names, keys, sources)
 
 
@@ -498,12 +534,14 @@ def digest_shards(task: tuple[str, str, int, int]) -> list[str]:
     return [job_digest(names[k], plan.rows(k), salt) for k in range(a, b)]
 
 
-def fingerprint(src: Path, layout: str, class_ids: list[str], stats: np.ndarray, opts: Options) -> str | None:
-    """What a plan was made from (names, sizes and mtimes of the tars, the options); None for folders, which
-    cannot be checked without listing every file."""
+def fingerprint(
+    src: Path, layout: str, class_ids: list[str], stats: np.ndarray, opts: Options, top: list[dict[str, str]]
+) -> str | None:
+    """What a plan was made from (names, sizes and mtimes of the tars, other entries of SRC, the options); None
+    for folders, which cannot be checked without listing every file."""
     if layout != "synset-tars":
         return None
-    h = hashlib.sha256(json.dumps([PLAN_VERSION, str(src.resolve()), layout, asdict(opts)]).encode())
+    h = hashlib.sha256(json.dumps([PLAN_VERSION, str(src.resolve()), layout, asdict(opts), top]).encode())
     for c, s in zip(class_ids, stats.tolist()):
         h.update(f"{c}\t{s[0]}\t{s[1]}\n".encode())
     return h.hexdigest()
@@ -526,7 +564,7 @@ def make_plan(
     receives the index pass's I/O counts."""
     work.mkdir(parents=True, exist_ok=True)
     planner = Planner(src, work, layout, class_ids, opts, mapper)
-    fp = fingerprint(src, layout, class_ids, planner.stats, opts)
+    fp = fingerprint(src, layout, class_ids, planner.stats, opts, top_skipped)
     if fp is not None and (work / PLAN_NAME).is_file():
         try:
             old = Plan.load(work)
@@ -536,8 +574,10 @@ def make_plan(
             progress.close()
             log.info("plan: kept %s (the tars and the options are unchanged)", work / PLAN_NAME)
             return old
-    for leftover in work.glob(".plan-*"):
+    for leftover in work.glob(".plan-*"):  # a killed run's
         shutil.rmtree(leftover, ignore_errors=True)
+    for leftover in (work / "sources").glob(".*.tmp"):
+        leftover.unlink(missing_ok=True)
     tmp, summary = planner.build(progress)
     stats.update(planner.count)
     info = {

@@ -201,7 +201,7 @@ def _write_shards(
     jobs = list(zip(plan.names, plan.info["jobs"]))
     names = {jobs[k][0] for k in mine}
     priors = prior_entries(out, names)
-    start = np.asarray(plan.col("shard_start"))
+    start = plan.col("shard_start")
     images = int(sum(int(start[k + 1] - start[k]) for k in mine))
     tasks = [ShardJob(str(plan.dir), k, jobs[k][0], jobs[k][1], str(src), str(out), str(out / WORK_DIR),
                       opts.jpeg_quality, opts.max_side, priors.get(jobs[k])) for k in mine]  # fmt: skip
@@ -245,18 +245,19 @@ def make_shards(
             _log_io(stats, time.monotonic() - t0)
             return plan.info
         index, count = part or (0, 1)
-        mine = [k for k in range(len(plan.names)) if k % count == index]
+        names = plan.names
+        mine = [k for k in range(len(names)) if k % count == index]
         sh = plan.info["shards"]
         log.info("%s: %d classes, %d images (%s layout) -> %d train + %d val shards; this run: %d shards",
                  src, len(class_ids), sum(plan.info["samples"].values()), layout, sh["train"], sh["val"],
                  len(mine))  # fmt: skip
-        _remove_leftovers(out, None if part is None else {plan.names[k] for k in mine})
+        _remove_leftovers(out, None if part is None else {names[k] for k in mine})
         entries, written = _write_shards(plan, src, out, opts, pool, mine, stats)
     extra = {"part": {"index": index, "count": count}} if part else {}
     manifest = build_manifest(entries, plan_info(plan), plan.info["skipped"], complete=True, **extra)
     _write_json(out / (part_manifest_name(index, count) if part else MANIFEST_NAME), manifest, stats)
     if part is None:
-        _warn_stale(out, plan.names)
+        _warn_stale(out, names)
     log_summary(manifest)
     log.info("shards: %d written, %d kept (verified)", written, len(mine) - written)
     _log_io(stats, time.monotonic() - t0)

@@ -4,7 +4,7 @@ Listing reads one directory (and the first headers of two tars, to tell a synset
 or a tar of tars); the index pass reads every tar's headers once, with ``pread`` of exactly the header blocks
 (no buffered file object, so the cost does not depend on the filesystem's block size: Lustre and GPFS report
 1 MiB or more, and a buffered read of a 512-byte header would pull that much). A class's index (member names,
-sizes, data offsets, skipped members) is cached in ``OUT/.make-shards/sources/<class>.npz``, tagged with the
+sizes, data offsets, skipped members) is cached in ``OUT/.make-shards/sources/<class>.idx``, tagged with the
 tar's size and mtime, so a re-run or a kill only re-reads tars that changed or were not indexed yet.
 
 Keys: ``{class}_{path without extension}`` with every character outside ``[A-Za-z0-9_-]`` made ``_`` (no
@@ -16,9 +16,12 @@ from __future__ import annotations
 import json
 import os
 import re
+import struct
 import tarfile
 import tempfile
+import zlib
 from collections import Counter
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -343,15 +346,22 @@ def decode_names(data: bytes, ends: np.ndarray, start: int = 0) -> list[str]:
     return out
 
 
+_MAGIC = b"DINATIDX"
+_HEAD = struct.Struct("<8sII")  # magic, header length, crc32 of everything after the fixed head
+
+
 def save_listing(path: Path, listing: Listing, stat: tuple[int, int]) -> None:
-    """Write a class index so readers see the old file or the whole new one (integrity: zip CRCs, read back)."""
+    """Write a class index so readers see the old file or the whole new one: a fixed head (magic, header length,
+    crc32), a JSON header (version, the tar's size and mtime, counts, skip records), then the arrays."""
     blob, ends = _encode_names(listing.names)
-    meta = json.dumps({"version": INDEX_VERSION, "stat": list(stat), "skipped": listing.skipped}).encode()
+    sizes, offsets = np.ascontiguousarray(listing.sizes, "<i8"), np.ascontiguousarray(listing.offsets, "<i8")
+    header = json.dumps({"version": INDEX_VERSION, "stat": list(stat), "n": len(sizes), "blob": len(blob),
+                         "skipped": listing.skipped}).encode()  # fmt: skip
+    body = b"".join([header, sizes.tobytes(), offsets.tobytes(), ends.astype("<i8").tobytes(), blob.tobytes()])
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
         with os.fdopen(fd, "wb") as f:
-            np.savez(f, names=blob, ends=ends, sizes=listing.sizes, offsets=listing.offsets,
-                     meta=np.frombuffer(meta, dtype=np.uint8))  # fmt: skip
+            f.write(_HEAD.pack(_MAGIC, len(header), zlib.crc32(body)) + body)
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
@@ -359,17 +369,25 @@ def save_listing(path: Path, listing: Listing, stat: tuple[int, int]) -> None:
 
 
 def load_listing(path: Path, stat: tuple[int, int], decode: bool = True) -> Listing | None:
-    """The cached index at ``path`` when it is whole and was made from a tar of this size and mtime, else None."""
+    """The cached index at ``path`` when it is whole (crc32) and was made from a tar of this size and mtime,
+    else None (the tar is then indexed again)."""
     try:
-        with np.load(path, allow_pickle=False) as z:
-            meta = json.loads(z["meta"].tobytes())
-            if meta.get("version") != INDEX_VERSION or tuple(meta.get("stat", ())) != tuple(stat):
-                return None
-            blob, ends = z["names"], z["ends"]
-            names = decode_names(blob.tobytes(), ends) if decode else []
-            return Listing(names, z["sizes"], z["offsets"], meta["skipped"], blob, ends)
-    except Exception:  # missing, cut short, damaged (zip CRC), another version: index the tar again
+        with open(path, "rb") as f:
+            data = f.read()
+        magic, hlen, crc = _HEAD.unpack_from(data)
+        body = memoryview(data)[_HEAD.size :]
+        if magic != _MAGIC or zlib.crc32(body) != crc:
+            return None
+        h = json.loads(bytes(body[:hlen]))
+        if h["version"] != INDEX_VERSION or tuple(h["stat"]) != tuple(stat):
+            return None
+        n, at = h["n"], hlen
+        sizes, offsets, ends = (np.frombuffer(body, "<i8", n, at + 8 * n * i) for i in range(3))
+        blob = np.frombuffer(body, np.uint8, h["blob"], at + 24 * n)
+    except (OSError, ValueError, KeyError, TypeError, struct.error):  # missing, cut short, damaged
         return None
+    names = decode_names(blob.tobytes(), ends) if decode else []
+    return Listing(names, sizes, offsets, h["skipped"], blob, ends)
 
 
 def index_class(src: Path, layout: str, class_id: str, cache: Path | None, count: Counts) -> Listing:
@@ -382,7 +400,7 @@ def index_class(src: Path, layout: str, class_id: str, cache: Path | None, count
     except OSError as e:
         return _listing([], [skip_record(path.name, "unreadable tar", str(e))])
     stat = (st.st_size, st.st_mtime_ns)
-    cached = cache / f"{class_id}.npz" if cache is not None else None
+    cached = cache / f"{class_id}.idx" if cache is not None else None
     if cached is not None and (listing := load_listing(cached, stat)) is not None:
         count["reused"] += 1
         return listing
@@ -397,9 +415,19 @@ def index_class(src: Path, layout: str, class_id: str, cache: Path | None, count
 
 def make_key(class_id: str, rel: str) -> str:
     """``n01440764`` + ``n01440764_10026.JPEG`` -> ``n01440764_10026``; ``cat`` + ``a/b.c.png`` -> ``cat_a_b_c``."""
-    stem = rel.rsplit(".", 1)[0] if "." in rel.rsplit("/", 1)[-1] else rel
-    stem, prefix = _UNSAFE.sub("_", stem), _UNSAFE.sub("_", class_id)
-    return stem if stem.startswith(prefix + "_") else f"{prefix}_{stem}"
+    return key_maker(class_id)(rel)
+
+
+def key_maker(class_id: str) -> Callable[[str], str]:
+    """``make_key`` for one class (its sanitised prefix computed once)."""
+    prefix = _UNSAFE.sub("_", class_id) + "_"
+
+    def key(rel: str) -> str:
+        stem = rel.rsplit(".", 1)[0] if "." in rel.rsplit("/", 1)[-1] else rel
+        stem = _UNSAFE.sub("_", stem)
+        return stem if stem.startswith(prefix) else prefix + stem
+
+    return key
 
 
 def source_name(layout: str, class_id: str, rel: str) -> str:
