@@ -41,6 +41,7 @@ from typing import Any
 
 import numpy as np
 
+from ..progress import Progress
 from .manifest import FORMAT, SPLITS, shard_name, write_json_atomic
 from .sources import (
     Counts,
@@ -335,7 +336,7 @@ class Planner:
         a: dict[str, np.ndarray] = dict(zip(("prefix", "blocks", "lens"), self.index(progress)))
         progress.close()
         n = len(a["prefix"])
-        log.info("plan: %d candidate images in %d classes; ordering", n, len(self.cls.ids))
+        log.info("plan: %d candidate images in %d classes; ordering them", n, len(self.cls.ids))
         self.resolve_collisions(a["prefix"])
         val_ids = _concat([v + self.cls.start[c] for c, v in enumerate(self.cls.val)], np.int64)
         is_val = np.zeros(n, dtype=bool)
@@ -351,6 +352,7 @@ class Planner:
         val = n_train + chunk_bounds(blocks[a["rows"][n_train:]], o.shard_samples, shard_bytes)
         del blocks
         a["shard_start"] = np.concatenate([train, val[1:]])
+        log.info("plan: ordered; %d train + %d val shards; writing the columns", len(train) - 1, len(val) - 1)
         tmp = Path(tempfile.mkdtemp(dir=self.work, prefix=".plan-"))
         keys = self._write_columns(tmp, a)
         return tmp, {
@@ -375,13 +377,13 @@ class Planner:
         keys = {str(int(pos[g])): k for g, k in sorted(self.keys.items())}
         # Two passes over the class indexes, so that only one set of output columns is held at a time.
         offset, size = np.empty(n, dtype=np.int64), np.empty(n, dtype=np.int64)
-        for listing, keep, r in self._classes(pos):
+        for listing, keep, r in self._classes(pos, "offsets and sizes"):
             offset[r], size[r] = listing.offsets[keep], listing.sizes[keep]
         np.save(d / "offset.npy", offset)
         np.save(d / "size.npy", size)
         del offset, size
         names = np.empty(int(name_end[-1]) if n else 0, dtype=np.uint8)
-        for listing, keep, r in self._classes(pos):
+        for listing, keep, r in self._classes(pos, "names"):
             # Each kept name's bytes go where its row's name ends: (bytes,) index arrays for the class.
             src_end = listing.ends[keep]
             length = src_end - np.concatenate([[0], listing.ends])[keep]
@@ -394,9 +396,14 @@ class Planner:
             _fsync(p)
         return keys
 
-    def _classes(self, pos: np.ndarray) -> Iterable[tuple[Listing, np.ndarray, np.ndarray]]:
+    def _classes(self, pos: np.ndarray, what: str) -> Iterable[tuple[Listing, np.ndarray, np.ndarray]]:
         """(a class's index with names undecoded, listing indices of its candidates, their rows), class by class."""
+        with Progress(f"plan: {what}", len(self.cls.ids), "classes") as progress:
+            yield from self._each_class(pos, progress)
+
+    def _each_class(self, pos: np.ndarray, progress: Progress) -> Iterable[tuple[Listing, np.ndarray, np.ndarray]]:
         for c, class_id in enumerate(self.cls.ids):
+            progress.update(1)
             listing = _listing(self.cache, class_id, self.stat(c), decode=False)
             keep = np.ones(len(listing.sizes), dtype=bool)
             keep[self.cls.excluded[c]] = False
@@ -594,8 +601,13 @@ def make_plan(
     (tmp / "summary.json").write_text(json.dumps(info))
     total = summary["shards"]["train"] + summary["shards"]["val"]
     step = max(1, -(-total // 256))
-    jobs = [d for part in mapper(digest_shards, [(str(tmp), opts.salt, a, min(a + step, total))
-                                                 for a in range(0, total, step)]) for d in part]  # fmt: skip
+    jobs: list[str] = []
+    with Progress("plan: job digests", total, "shards") as digests:
+        for part in mapper(
+            digest_shards, [(str(tmp), opts.salt, a, min(a + step, total)) for a in range(0, total, step)]
+        ):
+            jobs += part
+            digests.update(len(part))
     digest = hashlib.sha256("".join(jobs).encode()).hexdigest()
     final = work / f"plan-{digest[:16]}"
     shutil.rmtree(final, ignore_errors=True)
@@ -604,6 +616,7 @@ def make_plan(
     (final / "summary.json").write_text(json.dumps(info))
     _fsync(final / "summary.json")
     write_json_atomic(work / PLAN_NAME, info)
+    stats["manifest_bytes"] += (work / PLAN_NAME).stat().st_size + (final / "summary.json").stat().st_size
     for stale in work.glob("plan-*"):
         if stale != final:
             shutil.rmtree(stale, ignore_errors=True)
