@@ -47,6 +47,11 @@ class Progress:
         self.done = 0
         self.start = self.last = time.monotonic()
         self.closed = False
+        # On a terminal, log records that go to the same stream first clear the bar (redrawn on the next update).
+        self._handlers = [h for h in logging.getLogger().handlers if getattr(h, "stream", None) is self.stream]
+        if self.tty:
+            for h in self._handlers:
+                h.addFilter(self._clear)
 
     def line(self, now: float | None = None) -> str:
         """``what: done/total unit (pct%), rate unit/s, ETA h:mm:ss``."""
@@ -71,6 +76,10 @@ class Progress:
         else:
             self.log.info("%s", self.line(now))
 
+    def _clear(self, record: logging.LogRecord) -> bool:
+        self.stream.write("\r\033[K")
+        return True
+
     def _draw(self, now: float) -> None:
         filled = int(BAR_WIDTH * self.done / self.total) if self.total else 0
         bar = "#" * min(filled, BAR_WIDTH) + "-" * (BAR_WIDTH - min(filled, BAR_WIDTH))
@@ -84,6 +93,8 @@ class Progress:
         self.closed = True
         now = time.monotonic()
         if self.tty:
+            for h in self._handlers:
+                h.removeFilter(self._clear)
             self.stream.write("\r\033[K")
             self.stream.flush()
         elapsed = now - self.start

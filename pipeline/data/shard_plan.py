@@ -91,11 +91,11 @@ class Options:
         return f"{FORMAT}:{self.jpeg_quality}:{self.max_side}"
 
 
-def test_pause() -> float:
+def pause_for_tests() -> float:
     return float(os.environ.get(TEST_PAUSE_ENV) or 0)
 
 
-def _sha1(s: str) -> hashlib._Hash:
+def _sha1(s: str) -> Any:
     return hashlib.sha1(s.encode())
 
 
@@ -156,10 +156,12 @@ def plan_class(task: ClassTask) -> ClassPlan:
     keep, keys, skipped = candidates(listing, task)
     val, prefix = split_class(keys, task.seed, task.val_per_class)
     sizes = listing.sizes[keep]
-    if pause := test_pause():
+    if pause := pause_for_tests():
         time.sleep(pause)
+    excluded = np.ones(len(listing.names), dtype=bool)
+    excluded[keep] = False
     return ClassPlan(
-        excluded=np.flatnonzero(np.isin(np.arange(len(listing.names)), keep, invert=True)),
+        excluded=np.flatnonzero(excluded),
         prefix=prefix,
         blocks=(SAMPLE_OVERHEAD_BLOCKS + -(-sizes // BLOCK)).astype(np.uint32),
         lens=np.array([len(listing.names[i].encode("utf-8", "surrogateescape")) for i in keep.tolist()], np.int32),

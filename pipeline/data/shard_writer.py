@@ -28,7 +28,7 @@ from typing import Any
 from .images import BadImage, prepare
 from .index import index_name, read_index, write_index
 from .manifest import verify_shard, write_json_atomic
-from .shard_plan import Plan, open_plan, test_pause
+from .shard_plan import Plan, open_plan, pause_for_tests
 from .sources import Counts, PreadFile, read_member, skip_record
 
 log = logging.getLogger(__name__)
@@ -140,7 +140,7 @@ def shard_offsets(path: Path, count: Counts | None = None) -> list[int]:
 
 def _write(job: ShardJob, plan: Plan, count: Counts) -> dict[str, Any]:
     """Write the shard under a temporary name, fsync it, rename it into place, write its index; its entry."""
-    out, rows, pause = Path(job.out), plan.rows(job.k), test_pause()
+    out, rows, pause = Path(job.out), plan.rows(job.k), pause_for_tests()
     tmp = out / tmp_name(job.name)
     offsets: list[int] = []
     skipped: list[dict[str, str]] = []

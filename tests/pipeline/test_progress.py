@@ -48,3 +48,21 @@ def test_bar_on_a_terminal(caplog: pytest.LogCaptureFixture, monkeypatch: pytest
     assert drawn[1].startswith("[#######-----------------------] write: 2/8 images (25%)")
     assert drawn[2].startswith("[###############---------------] write: 4/8 images (50%)")
     assert drawn[-1] == "\033[K" and len(caplog.records) == 1  # cleared; only the final line is logged
+
+
+def test_log_records_clear_the_bar_first(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(progress_module, "DRAW_EVERY_S", 0.0)
+    term = Terminal()
+    handler = logging.StreamHandler(term)
+    root = logging.getLogger()
+    root.addHandler(handler)
+    try:
+        with Progress("write", 4, "images", stream=term) as p:
+            p.update(1)
+            logging.getLogger("pipeline.data.shards").warning("wrote train-000000.tar")
+            p.update(1)
+    finally:
+        root.removeHandler(handler)
+    text = term.getvalue()
+    assert "images (25%)" in text and "\r\033[Kwrote train-000000.tar\n\r[" in text
+    assert not handler.filters  # removed on close
