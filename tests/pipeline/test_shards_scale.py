@@ -262,7 +262,8 @@ def test_manifests_are_written_once_per_shard(tmp_path: Path) -> None:
     out = tmp_path / "out"
     make_shards(tmp_path / "src", out, Options(seed=7, val_per_class=2, shard_samples=5), stats=stats)
     records = list((out / WORK_DIR / "records").glob("*.json"))
-    written = sum(p.stat().st_size for p in [*records, out / "manifest.json", out / "classes.json"])
+    plan = [out / WORK_DIR / "plan.json", *(out / WORK_DIR).glob("plan-*/summary.json")]
+    written = sum(p.stat().st_size for p in [*records, *plan, out / "manifest.json", out / "classes.json"])
     assert len(records) == sum(read_manifest(out)["plan"]["shards"].values()) and stats["manifest_bytes"] == written
 
 
