@@ -27,7 +27,7 @@ from typing import Any
 
 from .images import BadImage, prepare
 from .index import index_name, read_index, write_index
-from .manifest import verify_shard, write_json_atomic
+from .manifest import fsync_path, verify_shard, write_json_atomic
 from .shard_plan import Plan, open_plan, pause_for_tests
 from .sources import Counts, PreadFile, read_member, skip_record
 
@@ -115,14 +115,6 @@ class ShardJob:
     prior: dict[str, Any] | None = None
 
 
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 def shard_offsets(path: Path, count: Counts | None = None) -> list[int]:
     """Where each sample of a shard starts (its first member's header), then where the end-of-archive starts,
     read from the shard's own headers (``pread`` of each header)."""
@@ -180,7 +172,7 @@ def _write(job: ShardJob, plan: Plan, count: Counts) -> dict[str, Any]:
     finally:
         reader.close()
     write_index(out / index_name(job.name), offsets)
-    _fsync_dir(out)
+    fsync_path(out)
     return {
         "name": job.name,
         "samples": samples,

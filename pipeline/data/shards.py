@@ -48,7 +48,8 @@ from .manifest import (
     verify_shard,
     write_json_atomic,
 )
-from .shard_plan import PLAN_NAME, TEST_PAUSE_ENV, WORK_DIR, Options, Plan, make_plan
+from .planner import make_plan
+from .shard_plan import PLAN_NAME, TEST_PAUSE_ENV, WORK_DIR, Options, Plan
 from .shard_writer import RECORDS_DIR, ShardJob, run_job
 from .sources import Counts, list_classes, read_names
 

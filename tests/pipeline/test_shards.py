@@ -18,8 +18,8 @@ import webdataset as wds
 from PIL import Image
 
 from pipeline.data.manifest import read_classes, read_manifest, verify_shard
+from pipeline.data.planner import split_class
 from pipeline.data.shards import TEST_PAUSE_ENV, main
-from pipeline.data.shard_plan import split_class
 from pipeline.data.sources import make_key
 
 ROOT = Path(__file__).resolve().parents[2]
