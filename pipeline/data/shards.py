@@ -4,7 +4,8 @@ Three steps, each resumable, each O(images) in total whatever the number of task
 
 1. **plan** (``--plan``, or the first step of a run without ``--part``): read every class tar's headers once, in
    parallel (:mod:`pipeline.data.sources`, cached per tar), and decide which input goes to which shard
-   (:mod:`pipeline.data.shard_plan`), identically whatever ``--workers`` and ``--part``.
+   (:mod:`pipeline.data.planner`; the format: :mod:`pipeline.data.shard_plan`), identically whatever ``--workers``
+   and ``--part``.
 2. **write**: shard jobs are the unit of work; job k (train shards first, then val) belongs to part k % n. A task
    reads only its shards' rows of the plan and their members (:mod:`pipeline.data.shard_writer`). Each shard's
    record names the digest of its job (encoding settings and every item); a re-run keeps a shard only when that

@@ -49,7 +49,7 @@ MEAN_CLASS, MAX_CLASS = 650, 3_000
 DECODE_S = 0.002  # per real ImageNet JPEG, one core (FACTS.md: PIL ~524 img/s)
 
 RUNNER = r"""
-import json, resource, sys
+import json, sys
 from collections import Counter
 from pathlib import Path
 from pipeline.data.shard_plan import Options
@@ -307,9 +307,13 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--dir", help="where to build the trees (default: a temporary directory, removed after)")
     p.add_argument("--json", help="also write the figures here")
     args = p.parse_args(argv)
+    trees, writes, indexes = _trees(args.trees), _trees(args.write_trees), _trees(args.indexes)
+    if len(set(trees) | set(writes)) < 3 or len(indexes) < 2 or not writes or args.parts < 2:
+        p.error(
+            "the fits need 3+ trees (--trees and --write-trees together), 2+ --indexes, 1+ --write-trees, --parts >= 2"
+        )
     work = Path(tempfile.mkdtemp(prefix="shards-bench-", dir=args.dir))
     try:
-        trees, writes, indexes = _trees(args.trees), _trees(args.write_trees), _trees(args.indexes)
         result = measure(work, trees, writes, indexes, args.parts, args.shard_samples)
     finally:
         shutil.rmtree(work, ignore_errors=True)
