@@ -36,6 +36,7 @@ BLOCKS: dict[str, str | tuple[str, str]] = {
     "RAW=/data/imagenet22k-raw": "tests/slurm/test_slurm.py::test_readme_pipeline",
     "import dinat": "tests/test_readme.py::test_model_package",
     "# training steps through the DeepSpeed engine": "tests/test_readme.py::test_benchmarks",
+    "bash launch/gpu_check.sh --out": "tests/test_readme.py::test_gpu_check_without_a_gpu",
     "NATTEN_CUDA_ARCH=9.0 bash launch/natten_wheel.sh": (
         "not run here",
         "compiles NATTEN's CUDA kernels (about an hour per architecture); tests/test_scripts.py checks the script",
@@ -217,3 +218,16 @@ def test_benchmarks(tmp_path):
                 command += " --resolution 64 --steps 2 --warmup 1"
         ok(command)
     assert json.loads((tmp_path / "bench.json").read_text())["results"]
+
+
+def test_gpu_check_without_a_gpu(tmp_path):
+    """The GPU check on this CPU machine: one line that says so, exit 3, nothing written (its GPU runs are
+    tested in tests/pipeline/test_gpu_check.py)."""
+    if __import__("torch").cuda.is_available():
+        pytest.skip("a GPU is present: the check would run for minutes")
+    [command] = block("bash launch/gpu_check.sh").commands()
+    result = run(command.replace("--out runs/gpu_check", f"--out {tmp_path}/gc"))
+    assert result.returncode == 3, result.stdout
+    lines = [x for x in result.stdout.splitlines() if x.startswith("gpu_check:")]
+    assert len(lines) == 1 and "no CUDA GPU" in lines[0]
+    assert not (tmp_path / "gc").exists()

@@ -195,8 +195,8 @@ def test_shards_array_then_merge(slurm, tmp_path):
 
 def test_readme_pipeline(slurm, tmp_path):
     """The README's Slurm block as written, on this 2-node CPU cluster: raw tars -> shards array -> merge ->
-    pretrain -> export. The edits: tiny paths and data, 3 array tasks, 2 nodes x 1 CPU rank, the debug model,
-    and no push (the Hub is not reachable from here; tests/test_readme.py checks the push line's refusal)."""
+    pretrain -> export. The edits: tiny paths and data, 3 array tasks, 2 nodes x 1 CPU rank, 1 GB per job, the
+    debug model, and no push (the Hub is not reachable from here; tests/test_readme.py checks the push line's refusal)."""
     from tests.test_readme import TINY, block
 
     raw, shards, run = tmp_path / "raw", tmp_path / "shards", tmp_path / "run"
@@ -208,11 +208,12 @@ def test_readme_pipeline(slurm, tmp_path):
     )
     script = script.replace("RUN=/checkpoints/dinat-large-in22k", f"RUN={run}")
     script = script.replace("--array=0-63%16", "--array=0-2").replace("--nodes 4", "--nodes 2 --ntasks-per-node=1")
-    script = script.replace("sbatch ", f"sbatch {' '.join(CPU_JOB)} --output={tmp_path}/%x-%j-%a.out ")
+    command = re.compile(r"(?<![\w./])sbatch ")  # the command, not the scripts' names
+    script = command.sub(f"sbatch {' '.join(SHARDS_JOB)} --output={tmp_path}/%x-%j-%a.out ", script)
     script = script.replace("run.output_dir=$RUN)", f"run.output_dir=$RUN {' '.join(TINY)} run.export=false)")
     script = script.replace(" --push-to org/dinat-large-in22k", "")
-    assert script.count("sbatch ") == 4 and "--push-to" not in script
-    out = subprocess.run(["bash", "-c", f"set -e\n{script}\necho $shards $merge $train"], cwd=ROOT,
+    assert len(command.findall(script)) == 5 and "--push-to" not in script
+    out = subprocess.run(["bash", "-c", f"set -e\n{script}\necho $plan $shards $merge $train"], cwd=ROOT, env=slurm.env,
                          capture_output=True, text=True)  # fmt: skip
     assert out.returncode == 0, out.stderr
     *submitted, ids = out.stdout.strip().splitlines()
