@@ -4,7 +4,10 @@ import dinat
 model = dinat.create_model("dinat_large", attention_backend="natten", activation_checkpointing="all")
 """
 
-from . import timm_models  # noqa: E402,F401  (registers the variants with timm)
+from . import (
+    compat,  # dinat.compat.patch_transformers(); imports transformers only when called
+    timm_models,  # noqa: F401  (registers the variants with timm)
+)
 from .attention import BACKENDS, na2d_natten, na2d_reference, resolve_backend
 from .config import DinatConfig
 from .modeling import (
@@ -23,6 +26,7 @@ __all__ = [
     "DinatModel",
     "DinatOutput",
     "VARIANTS",
+    "compat",
     "create_model",
     "list_models",
     "na2d_natten",

@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import logging
 from pathlib import Path
+from typing import Any
 
 import torch
 from safetensors import SafetensorError
@@ -73,8 +74,44 @@ def save_pretrained(
     return out
 
 
+# PIL resample codes (what preprocessor_config.json stores) -> timm / torchvision interpolation names
+RESAMPLE_NAMES = {0: "nearest", 1: "lanczos", 2: "bilinear", 3: "bicubic", 4: "box", 5: "hamming"}
+
+
+def read_preprocessor(directory: str | Path) -> dict[str, Any] | None:
+    """The input a checkpoint directory's model expects, from its preprocessor_config.json (None if absent).
+
+    Returns ``{"size": (height, width), "mean": (...), "std": (...), "interpolation": "bicubic"}``; a value
+    that is missing or malformed is a ValueError naming the file and the key.
+    """
+    path = Path(directory) / PREPROCESSOR_NAME
+    if not path.is_file():
+        return None
+    raw = DinatConfig.read_json(path)
+    size = raw.get("size") if isinstance(raw.get("size"), dict) else {}
+    hw = [size.get("height"), size.get("width")] if "height" in size else [size.get("shortest_edge")] * 2
+    values = {"size": hw, "image_mean": raw.get("image_mean"), "image_std": raw.get("image_std")}
+    for key, value in values.items():
+        if not isinstance(value, list) or not value or not all(isinstance(v, (int, float)) and v > 0 for v in value):
+            raise ValueError(f"{path}: {key!r} must be a list of positive numbers, got {raw.get(key)!r}")
+    resample = raw.get("resample", 2)  # ViTImageProcessor's default: bilinear
+    if resample not in RESAMPLE_NAMES:
+        raise ValueError(f"{path}: 'resample' must be a PIL resample code 0-5, got {resample!r}")
+    return {
+        "size": tuple(int(v) for v in hw),
+        "mean": tuple(values["image_mean"]),
+        "std": tuple(values["image_std"]),
+        "interpolation": RESAMPLE_NAMES[resample],
+    }
+
+
 def _read_weights(path: Path) -> dict[str, torch.Tensor]:
     if not path.is_file():
+        if (path.parent / "pytorch_model.bin").is_file():  # transformers < 4.35 saves this by default
+            raise FileNotFoundError(
+                f"{path}: no such file, only pytorch_model.bin; save it with transformers' "
+                "save_pretrained(..., safe_serialization=True)"
+            )
         raise FileNotFoundError(f"{path}: no such file (expected {WEIGHTS_NAME} beside config.json)")
     try:
         return load_file(str(path))
@@ -87,20 +124,28 @@ def _list(keys, n: int = 5) -> str:
     return ", ".join(keys[:n]) + (f" (+{len(keys) - n} more)" if len(keys) > n else "")
 
 
+def drop_zero_rpb(model: torch.nn.Module, sd: dict[str, torch.Tensor], source: str) -> dict[str, torch.Tensor]:
+    """``sd`` without the all-zero ``rpb`` tensors of an export, when ``model`` has no RPB.
+
+    Non-zero RPB for a model without RPB is a ValueError naming ``source``: dropping it would change the function.
+    """
+    if model.config.use_rpb:
+        return sd
+    rpb = _rpb_keys(model.config, _prefix(model))
+    nonzero = [k for k in rpb if k in sd and bool(sd[k].any())]
+    if nonzero:
+        raise ValueError(
+            f"{source}: non-zero relative positional bias ({_list(nonzero, 2)}) but use_rpb=False; "
+            "load with use_rpb=True (reference attention backend)"
+        )
+    return {k: v for k, v in sd.items() if k not in rpb}
+
+
 def load_hf_weights(model: torch.nn.Module, sd: dict[str, torch.Tensor], source: str) -> None:
     """Load HF-named weights strictly; every mismatch is one clear ValueError naming ``source``."""
-    prefix = _prefix(model)
-    if prefix == "" and any(k.startswith("dinat.") for k in sd):  # base model from a classification checkpoint
+    if _prefix(model) == "" and any(k.startswith("dinat.") for k in sd):  # base model from a classifier checkpoint
         sd = {k[len("dinat.") :]: v for k, v in sd.items() if k.startswith("dinat.")}
-    rpb = _rpb_keys(model.config, prefix)
-    if not model.config.use_rpb:
-        nonzero = [k for k in rpb if k in sd and bool(sd[k].any())]
-        if nonzero:
-            raise ValueError(
-                f"{source}: non-zero relative positional bias ({_list(nonzero, 2)}) but use_rpb=False; "
-                "load with use_rpb=True (reference attention backend)"
-            )
-        sd = {k: v for k, v in sd.items() if k not in rpb}
+    sd = drop_zero_rpb(model, sd, source)
     expected = model.state_dict()
     missing = expected.keys() - sd.keys()
     unexpected = sd.keys() - expected.keys()

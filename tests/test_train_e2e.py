@@ -125,7 +125,7 @@ def test_signal_checkpoints_and_exits_for_requeue(signum, shards, tmp_path):
 )
 def test_runtime_config_errors_stop_before_training(overrides, message, shards, tmp_path):
     """Found on every rank; reported once (one line, no traceback), and nothing is created in the run directory."""
-    procs = launch(tmp_path / "bad", shards, "train.steps=2", *overrides)
+    procs = launch(tmp_path / "bad", shards, "train.steps=3", *overrides)
     assert wait(procs) == [2, 2], logs(tmp_path / "bad")
     text = "".join(logs(tmp_path / "bad"))
     assert len(re.findall(rf"pipeline.lifecycle: {message}", text)) == 1, text

@@ -6,9 +6,18 @@
 
 Modules: :mod:`.cli` (arguments, entry point), :mod:`.report` (a run, figures, table), :mod:`.steps` (one
 model in the engine, timed), :mod:`.measure` (memory measured on any device), :mod:`.activations` and
-:mod:`.memory_plan` (memory predicted), :mod:`.search` (largest micro-batch).
+:mod:`.memory_plan` (memory predicted), :mod:`.search` (largest micro-batch); :mod:`.gpu_check` runs all of
+it on a GPU in bounded time.
 """
 
-from .cli import main
+from __future__ import annotations
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``dinat-bench``; imported on call, so that ``pipeline.bench.gpu_check`` loads without torch and timm."""
+    from .cli import main as cli_main
+
+    return cli_main(argv)
+
 
 __all__ = ["main"]

@@ -58,6 +58,15 @@ def write_json_atomic(path: str | Path, obj: Any) -> None:
         raise
 
 
+def fsync_path(path: str | Path) -> None:
+    """fsync a file or a directory (a directory: so that a rename into it survives a crash)."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
 def _umask() -> int:
     mask = os.umask(0)
     os.umask(mask)

@@ -1,15 +1,24 @@
 """``dinat-make-shards SRC OUT``: ImageNet-22k (per-synset tars or class folders) -> WebDataset shards.
 
-Which input goes to which shard is planned first (:mod:`pipeline.data.sources`), identically whatever
-``--workers`` and ``--part``; shard jobs are then the unit of work: job k (train shards first, then val) belongs
-to part k % n. Each shard entry records the digest of its job (encoding settings and every item); a re-run keeps
-a shard only when that digest matches and the file verifies (size + sha256), and rewrites the others.
+Three steps, each resumable, each O(images) in total whatever the number of tasks:
+
+1. **plan** (``--plan``, or the first step of a run without ``--part``): read every class tar's headers once, in
+   parallel (:mod:`pipeline.data.sources`, cached per tar), and decide which input goes to which shard
+   (:mod:`pipeline.data.planner`; the format: :mod:`pipeline.data.shard_plan`), identically whatever ``--workers``
+   and ``--part``.
+2. **write**: shard jobs are the unit of work; job k (train shards first, then val) belongs to part k % n. A task
+   reads only its shards' rows of the plan and their members (:mod:`pipeline.data.shard_writer`). Each shard's
+   record names the digest of its job (encoding settings and every item); a re-run keeps a shard only when that
+   digest matches and the file verifies (size + sha256), and rewrites the others.
+3. **manifest**: assembled once from the shards' records, at the end of a run (``manifest.json``, or a part's
+   ``manifest.part-i-of-n.json``) or by ``--merge``; always written whole (write, fsync, rename).
+
+Under Slurm: one ``--plan`` job, an array of ``--part i/n`` tasks, one ``--merge`` (see slurm/shards.sbatch).
 """
 
 from __future__ import annotations
 
 import argparse
-import hashlib
 import logging
 import multiprocessing
 import os
@@ -18,13 +27,14 @@ import time
 from collections import Counter
 from collections.abc import Callable
 from contextlib import nullcontext
-from dataclasses import dataclass
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
-import webdataset as wds
+import numpy as np
 
-from .images import BadImage, prepare
+from ..progress import Progress
+from .index import index_name
 from .manifest import (
     CLASSES_NAME,
     FORMAT,
@@ -32,114 +42,23 @@ from .manifest import (
     SPLITS,
     classes_dict,
     read_classes,
+    read_json,
     read_manifest,
     shard_name,
     split_entry,
     verify_shard,
     write_json_atomic,
 )
-from .sources import Item, Job, list_classes, make_plan, read_item, read_names, scan, skip_record
+from .planner import make_plan
+from .shard_plan import PLAN_NAME, TEST_PAUSE_ENV, WORK_DIR, Options, Plan
+from .shard_writer import RECORDS_DIR, ShardJob, run_job
+from .sources import Counts, list_classes, read_names
 
 log = logging.getLogger(__name__)
 
+__all__ = ["Options", "TEST_PAUSE_ENV", "make_shards", "merge", "main"]
+
 PART_RE = re.compile(r"manifest\.part-(\d+)-of-(\d+)\.json")
-TEST_PAUSE_ENV = "DINAT_MAKE_SHARDS_TEST_PAUSE"  # test-only: seconds to sleep after each sample written
-
-
-@dataclass(frozen=True)
-class Options:
-    """What the plan and the shard bytes depend on."""
-
-    seed: int = 0
-    val_per_class: int = 10
-    shard_size_mb: float = 256
-    shard_samples: int = 0  # > 0 overrides shard_size_mb
-    jpeg_quality: int = 95
-    max_side: int = 0  # 0: never resize
-
-    def __post_init__(self) -> None:
-        if self.val_per_class < 0 or self.shard_samples < 0 or self.max_side < 0:
-            raise ValueError("--val-per-class, --shard-samples and --max-side must be >= 0")
-        if self.shard_size_mb <= 0:
-            raise ValueError(f"--shard-size-mb must be > 0, got {self.shard_size_mb}")
-        if not 1 <= self.jpeg_quality <= 100:
-            raise ValueError(f"--jpeg-quality must be in 1..100, got {self.jpeg_quality}")
-
-
-def tmp_name(name: str) -> str:
-    return f".{name}.tmp"
-
-
-class _HashingWriter:
-    """A write-only file object that hashes and counts what goes through to ``f``."""
-
-    def __init__(self, f: Any):
-        self.f, self.sha, self.bytes = f, hashlib.sha256(), 0
-
-    def write(self, b: bytes) -> int:
-        self.sha.update(b)
-        self.bytes += len(b)
-        return self.f.write(b)
-
-
-def _sample(src: Path, item: Item, opts: Options) -> tuple[dict[str, Any] | None, bool, dict[str, str] | None]:
-    """(sample or None, re-encoded, skip record or None) for one item."""
-    try:
-        data, reencoded = prepare(read_item(src, item), opts.max_side, opts.jpeg_quality)
-    except BadImage as e:
-        return None, False, skip_record(item.source, e.reason, e.detail)
-    except OSError as e:
-        return None, False, skip_record(item.source, "read error", str(e))
-    return {"__key__": item.key, "jpg": data, "cls": str(item.label).encode()}, reencoded, None
-
-
-def write_shard(job: Job, src: Path, out: Path, opts: Options) -> dict[str, Any]:
-    """Write one shard under a temporary name, fsync it and rename it into place; its manifest entry."""
-    tmp, pause = out / tmp_name(job.name), float(os.environ.get(TEST_PAUSE_ENV) or 0)
-    samples = reencoded = 0
-    skipped: list[dict[str, str]] = []
-    try:
-        with open(tmp, "wb") as f:
-            hashed = _HashingWriter(f)
-            writer = wds.TarWriter(hashed, mtime=0, encoder=False)  # fixed mtime: reproducible bytes
-            for item in job.items:
-                sample, changed, skip = _sample(src, item, opts)
-                if skip:
-                    skipped.append(skip)
-                    continue
-                writer.write(sample)
-                samples, reencoded = samples + 1, reencoded + changed
-                if pause:
-                    time.sleep(pause)
-            writer.close()
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, out / job.name)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    dir_fd = os.open(out, os.O_RDONLY)
-    try:
-        os.fsync(dir_fd)
-    finally:
-        os.close(dir_fd)
-    return {
-        "name": job.name,
-        "samples": samples,
-        "bytes": hashed.bytes,
-        "sha256": hashed.sha.hexdigest(),
-        "job": job.digest,
-        "reencoded": reencoded,
-        "skipped": skipped,
-    }
-
-
-def run_job(task: tuple[Job, Path, Path, Options, dict[str, Any] | None]) -> tuple[dict[str, Any], bool]:
-    """(entry, written): keep the shard if it verifies against ``prior``, else write it."""
-    job, src, out, opts, prior = task
-    if prior is not None and verify_shard(out / job.name, prior):
-        return prior, False
-    return write_shard(job, src, out, opts), True
 
 
 def part_manifest_name(index: int, count: int) -> str:
@@ -150,8 +69,9 @@ def _entries(m: dict[str, Any]) -> list[dict[str, Any]]:
     return [e for s in SPLITS for e in m["splits"].get(s, {}).get("shards", [])] + m.get("pending", [])
 
 
-def prior_entries(out: Path) -> dict[tuple[str, str], dict[str, Any]]:
-    """(shard name, job digest) -> entry, from every manifest and part manifest in ``out``, finished or not."""
+def prior_entries(out: Path, names: set[str]) -> dict[tuple[str, str], dict[str, Any]]:
+    """(shard name, job digest) -> entry for the shards in ``names``: from their records, and from any manifest
+    or part manifest in ``out`` (runs of earlier versions kept entries only there)."""
     found = {}
     for path in [out / MANIFEST_NAME, *sorted(out.glob("manifest.part-*-of-*.json"))]:
         if not path.is_file():
@@ -161,7 +81,14 @@ def prior_entries(out: Path) -> dict[tuple[str, str], dict[str, Any]]:
         except ValueError as e:
             log.warning("ignoring %s", e)
             continue
-        found.update({(e["name"], e["job"]): e for e in _entries(m) if "job" in e})
+        found.update({(e["name"], e["job"]): e for e in _entries(m) if "job" in e and e["name"] in names})
+    records = out / WORK_DIR / RECORDS_DIR
+    for name in sorted(names):
+        try:
+            e = read_json(records / f"{name}.json")
+        except (OSError, ValueError):
+            continue
+        found[(e["name"], e["job"])] = e
     return found
 
 
@@ -182,17 +109,11 @@ def build_manifest(
     }
 
 
-def plan_info(src: Path, layout: str, jobs: list[Job], opts: Options) -> dict[str, Any]:
-    digest = hashlib.sha256("".join(j.digest for j in jobs).encode()).hexdigest()
-    count = lambda split: [j for j in jobs if j.split == split]
-    return {
-        "digest": digest,
-        "source": str(src.resolve()),
-        "layout": layout,
-        **vars(opts),
-        "shards": {s: len(count(s)) for s in SPLITS},
-        "samples": {s: sum(len(j.items) for j in count(s)) for s in SPLITS},
-    }
+def plan_info(plan: Plan) -> dict[str, Any]:
+    """The manifest's ``plan``: what the shards were made from and with."""
+    i = plan.info
+    return {"digest": i["digest"], "source": i["source"], "layout": i["layout"], **i["options"],
+            "shards": i["shards"], "samples": i["samples"]}  # fmt: skip
 
 
 def _pool(workers: int) -> Any:
@@ -200,77 +121,26 @@ def _pool(workers: int) -> Any:
     return multiprocessing.get_context("spawn").Pool(workers) if workers > 1 else nullcontext(None)
 
 
-def _run(
-    jobs: list[Job], src: Path, out: Path, opts: Options, pool: Any, save: Callable[[list, list], None]
-) -> tuple[list[dict[str, Any]], int, int]:
-    """Keep or write every job, calling ``save(done, pending)`` after each; (entries, shards written, samples)."""
-    priors = prior_entries(out)
-    pending = {j.name: priors[(j.name, j.digest)] for j in jobs if (j.name, j.digest) in priors}
-    tasks = [(j, src, out, opts, pending.get(j.name)) for j in jobs]
-    results = pool.imap_unordered(run_job, tasks) if pool else map(run_job, tasks)
-    done: dict[str, dict[str, Any]] = {}
-    written = samples = 0
-    for k, (entry, wrote) in enumerate(results, 1):
-        done[entry["name"]] = entry
-        pending.pop(entry["name"], None)
-        written += wrote
-        samples += entry["samples"] if wrote else 0
-        save(list(done.values()), list(pending.values()))
-        what = "wrote" if wrote else "kept (verified)"
-        mb = entry["bytes"] / 1e6
-        log.info("%s %s: %d samples, %.1f MB [%d/%d]", what, entry["name"], entry["samples"], mb, k, len(jobs))
-    return list(done.values()), written, samples
+def _mapper(pool: Any, ordered: bool = True) -> Callable:
+    if pool is None:
+        return map
+    return lambda f, xs: (pool.imap if ordered else pool.imap_unordered)(f, xs, chunksize=4 if ordered else 1)
 
 
-def _remove_leftovers(out: Path, jobs: list[Job], everything: bool) -> None:
-    """Delete temporary shards left by a killed run: all of them, or (for one part) those of ``jobs`` only."""
-    names = {tmp_name(j.name) for j in jobs}
-    for p in out.glob(".*.tar.tmp"):
-        if everything or p.name in names:
-            log.info("removing leftover %s", p.name)
-            p.unlink(missing_ok=True)
+def _write_json(path: Path, obj: Any, stats: Counts) -> None:
+    write_json_atomic(path, obj)
+    stats["manifest_bytes"] += path.stat().st_size
 
 
-def make_shards(
-    src: Path,
-    out: Path,
-    opts: Options,
-    layout: str = "auto",
-    names: dict[str, str] | None = None,
-    workers: int = 1,
-    part: tuple[int, int] | None = None,
-) -> dict[str, Any]:
-    """Scan, plan and write the shards of ``part`` (index, count), or all of them; the manifest written."""
-    t0 = time.monotonic()
-    out.mkdir(parents=True, exist_ok=True)
-    with _pool(workers) as pool:
-        sc = scan(src, layout, pool.imap if pool else map)
-        write_json_atomic(out / CLASSES_NAME, classes_dict(sc.class_ids, names or _names_in(out, sc.class_ids)))
-        salt = f"{FORMAT}:{opts.jpeg_quality}:{opts.max_side}"
-        jobs = make_plan(sc, opts.seed, opts.val_per_class, opts.shard_samples, opts.shard_size_mb * 2**20, salt)
-        plan = plan_info(src, sc.layout, jobs, opts)
-        index, count = part or (0, 1)
-        mine = [j for k, j in enumerate(jobs) if k % count == index]
-        log.info(
-            "%s: %d classes, %d images (%s layout) -> %d train + %d val shards; this run: %d shards",
-            src, len(sc.class_ids), len(sc.items), sc.layout, plan["shards"]["train"], plan["shards"]["val"], len(mine),
-        )  # fmt: skip
-        _remove_leftovers(out, mine, everything=part is None)
-        target = out / (part_manifest_name(index, count) if part else MANIFEST_NAME)
-        extra = {"part": {"index": index, "count": count}} if part else {}
-        save = lambda done, pending: write_json_atomic(
-            target, build_manifest(done, plan, sc.skipped, complete=False, pending=pending, **extra)
-        )
-        entries, written, samples = _run(mine, src, out, opts, pool, save)
-    manifest = build_manifest(entries, plan, sc.skipped, complete=True, **extra)
-    write_json_atomic(target, manifest)
-    if part is None:
-        _warn_stale(out, jobs)
-    log_summary(manifest)
-    elapsed = time.monotonic() - t0
-    log.info("shards: %d written, %d kept (verified)", written, len(mine) - written)
-    log.info("elapsed %.1f s, %.1f images/s written", elapsed, samples / max(elapsed, 1e-9))
-    return manifest
+def _remove_leftovers(out: Path, names: set[str] | None) -> None:
+    """Delete temporary files left by a killed run: all of them, or (for one part) those of ``names`` only."""
+    for d, pattern in [(out, ".*.tar.tmp"), (out / "index", ".*.tar.npy.*.tmp"),
+                       (out / WORK_DIR / RECORDS_DIR, ".*.tar.json.*.tmp")]:  # fmt: skip
+        for p in d.glob(pattern) if d.is_dir() else []:
+            name = p.name[1 : p.name.index(".tar") + len(".tar")]  # ".train-000001.tar..." -> "train-000001.tar"
+            if names is None or name in names:
+                log.info("removing leftover %s", p)
+                p.unlink(missing_ok=True)
 
 
 def _names_in(out: Path, ids: list[str]) -> dict[str, str] | None:
@@ -282,8 +152,132 @@ def _names_in(out: Path, ids: list[str]) -> dict[str, str] | None:
     return {c["id"]: c["name"] for c in classes} if [c["id"] for c in classes] == ids else None
 
 
-def _warn_stale(out: Path, jobs: list[Job]) -> None:
-    stale = sorted({p.name for s in SPLITS for p in out.glob(f"{s}-*.tar")} - {j.name for j in jobs})
+def _check_plan_matches(plan: Plan, src: Path, layout: str, class_ids: list[str], opts: Options) -> None:
+    """A part writes only from a plan made from the same SRC with the same options."""
+    i, again = plan.info, "make the plan again with these arguments and --plan"
+    if i["source"] != str(src.resolve()) or i["layout"] != layout:
+        raise ValueError(f"the plan in {plan.dir.parent} is of {i['source']} ({i['layout']}), not {src}; {again}")
+    if i["classes"] != class_ids:
+        raise ValueError(f"{src}: its class tars or folders changed since the plan was made; {again}")
+    diff = [f"--{k.replace('_', '-')} {v} (plan: {i['options'].get(k)})" for k, v in asdict(opts).items()
+            if i["options"].get(k) != v]  # fmt: skip
+    if diff:
+        raise ValueError(f"options differ from the plan's: {', '.join(diff)}; {again}")
+
+
+def _plan_for(
+    src: Path,
+    out: Path,
+    opts: Options,
+    layout: str,
+    class_ids: list[str],
+    top_skipped: list[dict],
+    names: dict[str, str] | None,
+    pool: Any,
+    part: tuple[int, int] | None,
+    stats: Counts,
+) -> Plan:
+    """Make the plan (no ``part``) and classes.json, or load the committed plan a part writes from."""
+    work = out / WORK_DIR
+    if part is None:
+        unit = "tars" if layout == "synset-tars" else "folders"
+        progress = Progress("index", len(class_ids), unit)
+        plan = make_plan(src, work, layout, class_ids, top_skipped, opts, _mapper(pool), progress, stats)
+        _write_json(out / CLASSES_NAME, classes_dict(class_ids, names or _names_in(out, class_ids)), stats)
+        return plan
+    try:
+        plan = Plan.load(work)
+    except FileNotFoundError:
+        raise ValueError(f"{out}: no plan yet ({work / PLAN_NAME}): make it first, with the same arguments and "
+                         "--plan (one job: sbatch slurm/shards.sbatch --plan SRC OUT ...)") from None  # fmt: skip
+    _check_plan_matches(plan, src, layout, class_ids, opts)
+    if names is not None and read_json(out / CLASSES_NAME) != classes_dict(class_ids, names):
+        raise ValueError(f"{out / CLASSES_NAME} does not hold the names given with --names; pass them to --plan")
+    return plan
+
+
+def _write_shards(
+    plan: Plan, src: Path, out: Path, opts: Options, pool: Any, mine: list[int], stats: Counts
+) -> tuple[list[dict[str, Any]], int]:
+    """Keep or write every job in ``mine``; (entries, shards written)."""
+    jobs = list(zip(plan.names, plan.info["jobs"]))
+    names = {jobs[k][0] for k in mine}
+    priors = prior_entries(out, names)
+    start = plan.col("shard_start")
+    images = int(sum(int(start[k + 1] - start[k]) for k in mine))
+    tasks = [ShardJob(str(plan.dir), k, jobs[k][0], jobs[k][1], str(src), str(out), str(out / WORK_DIR),
+                      opts.jpeg_quality, opts.max_side, priors.get(jobs[k])) for k in mine]  # fmt: skip
+    (out / WORK_DIR / RECORDS_DIR).mkdir(parents=True, exist_ok=True)
+    (out / "index").mkdir(exist_ok=True)
+    rows = {jobs[k][0]: int(start[k + 1] - start[k]) for k in mine}
+    entries, written = [], 0
+    with Progress("write", images, "images") as progress:
+        for k, (entry, wrote, count) in enumerate(_mapper(pool, ordered=False)(run_job, tasks), 1):
+            entries.append(entry)
+            written += wrote
+            stats.update(count)
+            progress.update(rows[entry["name"]])
+            what = "wrote" if wrote else "kept (verified)"
+            mb = entry["bytes"] / 1e6
+            log.info("%s %s: %d samples, %.1f MB [%d/%d]", what, entry["name"], entry["samples"], mb, k, len(tasks))
+    return entries, written
+
+
+def make_shards(
+    src: Path,
+    out: Path,
+    opts: Options,
+    layout: str = "auto",
+    names: dict[str, str] | None = None,
+    workers: int = 1,
+    part: tuple[int, int] | None = None,
+    plan_only: bool = False,
+    stats: Counts | None = None,
+) -> dict[str, Any]:
+    """Plan (unless ``part``), then write the shards of ``part`` (index, count) or all of them, and the manifest
+    (or part manifest); only the plan with ``plan_only``. Returns the manifest (the plan summary with
+    ``plan_only``). ``stats`` receives I/O counts (headers, member reads, bytes, manifest bytes written)."""
+    t0 = time.monotonic()
+    stats = stats if stats is not None else Counter()
+    layout, class_ids, top_skipped = list_classes(src, layout, stats)
+    out.mkdir(parents=True, exist_ok=True)
+    with _pool(workers) as pool:
+        plan = _plan_for(src, out, opts, layout, class_ids, top_skipped, names, pool, part, stats)
+        if plan_only:
+            _log_io(stats, time.monotonic() - t0)
+            return plan.info
+        index, count = part or (0, 1)
+        names = plan.names
+        mine = [k for k in range(len(names)) if k % count == index]
+        sh = plan.info["shards"]
+        log.info("%s: %d classes, %d images (%s layout) -> %d train + %d val shards; this run: %d shards",
+                 src, len(class_ids), sum(plan.info["samples"].values()), layout, sh["train"], sh["val"],
+                 len(mine))  # fmt: skip
+        _remove_leftovers(out, None if part is None else {names[k] for k in mine})
+        entries, written = _write_shards(plan, src, out, opts, pool, mine, stats)
+    extra = {"part": {"index": index, "count": count}} if part else {}
+    manifest = build_manifest(entries, plan_info(plan), plan.info["skipped"], complete=True, **extra)
+    _write_json(out / (part_manifest_name(index, count) if part else MANIFEST_NAME), manifest, stats)
+    if part is None:
+        _warn_stale(out, names)
+    log_summary(manifest)
+    log.info("shards: %d written, %d kept (verified)", written, len(mine) - written)
+    _log_io(stats, time.monotonic() - t0)
+    return manifest
+
+
+def _log_io(stats: Counts, elapsed: float) -> None:
+    s = stats
+    log.info(
+        "I/O: %d tar headers read (%.1f MB in %d reads), %d members read (%.1f MB), %d opens, "
+        "%.1f MB verified, %.1f KB of manifests and records written; elapsed %.1f s",
+        s["headers"], s["header_bytes"] / 1e6, s["header_reads"], s["member_reads"], s["member_bytes"] / 1e6,
+        s["opens"], s["verified_bytes"] / 1e6, s["manifest_bytes"] / 1e3, elapsed,
+    )  # fmt: skip
+
+
+def _warn_stale(out: Path, names: list[str]) -> None:
+    stale = sorted({p.name for s in SPLITS for p in out.glob(f"{s}-*.tar")} - set(names))
     if stale:
         log.warning("%d shards in %s are not in this plan (left in place): %s", len(stale), out, ", ".join(stale[:5]))
 
@@ -300,8 +294,22 @@ def log_summary(manifest: dict[str, Any]) -> None:
         log.info("  skipped %s: %s%s", s["source"], s["reason"], f" ({s['detail']})" if "detail" in s else "")
 
 
-def merge(out: Path) -> dict[str, Any]:
+def index_ok(path: Path, samples: int) -> bool:
+    """Whether ``path`` is, by its header and size alone, the index of a shard of ``samples`` samples."""
+    try:
+        with open(path, "rb") as f:
+            fmt = np.lib.format
+            read = fmt.read_array_header_1_0 if fmt.read_magic(f) == (1, 0) else fmt.read_array_header_2_0
+            shape, _, dtype = read(f)
+            header = f.tell()
+        return shape == (samples + 1,) and dtype == np.int64 and os.path.getsize(path) == header + 8 * (samples + 1)
+    except (OSError, ValueError):
+        return False
+
+
+def merge(out: Path, stats: Counts | None = None) -> dict[str, Any]:
     """Combine every part manifest in ``out`` into manifest.json; ValueError naming missing parts or shards."""
+    stats = stats if stats is not None else Counter()
     found: dict[int, dict[int, Path]] = {}
     for p in out.glob("manifest.part-*-of-*.json"):
         if mt := PART_RE.fullmatch(p.name):
@@ -321,14 +329,24 @@ def merge(out: Path) -> dict[str, Any]:
     entries = [e for m in parts for s in SPLITS for e in m["splits"][s]["shards"]]
     have = {e["name"]: e for e in entries}
     expected = [shard_name(s, i) for s in SPLITS for i in range(plan["shards"][s])]
-    bad = [n for n in expected if n not in have or not verify_shard(out / n, have[n], check_hash=False)]
+    bad = []
+    with Progress("merge: check shards", len(expected), "shards") as progress:
+        for n in expected:
+            e = have.get(n)
+            if (
+                e is None
+                or not verify_shard(out / n, e, check_hash=False)
+                or not index_ok(out / index_name(n), e["samples"])
+            ):
+                bad.append(n)
+            progress.update(1)
     if bad:
         more = f" and {len(bad) - 10} more" if len(bad) > 10 else ""
-        names = ", ".join(bad[:10])
-        raise ValueError(f"{out}: {len(bad)} shards missing or incomplete: {names}{more}; re-run their parts")
+        raise ValueError(f"{out}: {len(bad)} shards missing or incomplete: {', '.join(bad[:10])}{more}; "
+                         "re-run their parts")  # fmt: skip
     skipped = [s for m in parts for s in m["skipped"]]
     manifest = build_manifest(entries, plan, skipped, complete=True)
-    write_json_atomic(out / MANIFEST_NAME, manifest)
+    _write_json(out / MANIFEST_NAME, manifest, stats)
     log.info("merged %d parts into %s", count, out / MANIFEST_NAME)
     log_summary(manifest)
     return manifest
@@ -350,7 +368,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         prog="dinat-make-shards",
         usage="%(prog)s [options] SRC OUT\n       %(prog)s --merge OUT",
         description="Write ImageNet-22k (a directory of per-synset tars, or class folders) as WebDataset shards "
-        "with classes.json and manifest.json. Re-running resumes; --part i/n + --merge split it across jobs.",
+        "with classes.json and manifest.json. Re-running resumes. Across jobs: --plan once, then --part i/n for "
+        "every i (same arguments), then --merge.",
     )
     p.add_argument("paths", nargs="+", metavar="PATH", help="SRC OUT (or OUT alone with --merge)")
     p.add_argument("--layout", default="auto", choices=["auto", "synset-tars", "folders"])
@@ -362,6 +381,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--max-side", type=int, default=0, help="re-encode images whose longer side exceeds this (0: off)")
     p.add_argument("--jpeg-quality", type=int, default=95, help="for re-encoded images")
     p.add_argument("--workers", type=int, default=_available_cpus(), help="processes (default: available CPUs)")
+    p.add_argument("--plan", action="store_true", help="only index the inputs and make the plan (before --part)")
     p.add_argument("--part", help="i/n: write only shard jobs k with k %% n == i, and a part manifest")
     p.add_argument("--merge", action="store_true", help="combine the part manifests in OUT into manifest.json")
     return p.parse_args(argv)
@@ -372,12 +392,14 @@ def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     try:
         if args.merge:
-            if len(args.paths) > 2 or args.part:
-                raise ValueError("--merge takes OUT (or SRC OUT) and no --part")
+            if len(args.paths) > 2 or args.part or args.plan:
+                raise ValueError("--merge takes OUT (or SRC OUT) and neither --part nor --plan")
             merge(Path(args.paths[-1]))
             return
         if len(args.paths) != 2:
             raise ValueError(f"expected SRC OUT, got {' '.join(args.paths)}")
+        if args.plan and args.part:
+            raise ValueError("--plan makes the plan for every part: run it once, without --part")
         src, out = (Path(p) for p in args.paths)
         keys = ("seed", "val_per_class", "shard_size_mb", "shard_samples", "jpeg_quality", "max_side")
         opts = Options(**{k: getattr(args, k) for k in keys})
@@ -385,12 +407,11 @@ def main(argv: list[str] | None = None) -> None:
         names = read_names(Path(args.names)) if args.names else None
         if args.workers < 1:
             raise ValueError(f"--workers must be >= 1, got {args.workers}")
-        list_classes(src, args.layout)  # a missing or empty SRC fails here, before any work
-        if out.resolve().is_relative_to(src.resolve()):
+        if src.is_dir() and out.resolve().is_relative_to(src.resolve()):
             raise ValueError(f"{out}: OUT must not be inside SRC ({src})")
+        make_shards(src, out, opts, args.layout, names, args.workers, part, args.plan)
     except (ValueError, OSError) as e:
         raise SystemExit(f"dinat-make-shards: error: {e}") from None
-    make_shards(src, out, opts, args.layout, names, args.workers, part)
 
 
 if __name__ == "__main__":

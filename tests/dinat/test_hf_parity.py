@@ -1,12 +1,19 @@
-"""Parity with transformers 4.46.3's own DiNAT (made runnable by dinat.compat) on the same weights."""
+"""Parity with transformers' own DiNAT (made runnable by dinat.compat) on the same weights.
+
+The oracle is the environment's transformers (4.46.3); to check another release, install it aside and put it
+first on the path: `pip install --target /tmp/tf-X transformers==X --no-deps` (+ its tokenizers and
+huggingface_hub), then `PYTHONPATH=/tmp/tf-X python -m pytest tests/dinat/test_hf_parity.py`.
+"""
 
 import pytest
 import torch
 
 import dinat
 
+from .fresh import run_fresh
+
 transformers = pytest.importorskip("transformers")
-from dinat.compat import patch_transformers  # noqa: E402
+from dinat.compat import check_version, patch_transformers  # noqa: E402
 
 patch_transformers()
 
@@ -56,7 +63,7 @@ def test_weights_round_trip_through_transformers(tmp_path):
     ours.save_pretrained(tmp_path / "a")
     hf = transformers.DinatForImageClassification.from_pretrained(tmp_path / "a")
     assert set(hf.state_dict()) == set(ours.state_dict())
-    hf.save_pretrained(tmp_path / "b")
+    hf.save_pretrained(tmp_path / "b", safe_serialization=True)  # the default only from 4.35
     back = dinat.DinatForImageClassification.from_pretrained(tmp_path / "b").eval()
     assert back.config.use_rpb
     for k, v in ours.state_dict().items():
@@ -87,13 +94,43 @@ def test_transformers_initialised_checkpoint_loads_without_rpb(tmp_path):
         num_labels=4,
     )
     hf = transformers.DinatForImageClassification(hf_cfg).eval()  # HF initialises RPB to zeros
-    hf.save_pretrained(tmp_path)
+    hf.save_pretrained(tmp_path, safe_serialization=True)  # the default only from 4.35
     ours = dinat.DinatForImageClassification.from_pretrained(tmp_path).eval()
     assert not ours.config.use_rpb  # all-zero RPB: same function without it, so fused kernels can run
     compare(ours, hf, torch.randn(2, 3, 48, 48))
 
 
-def test_transformers_5_is_refused(monkeypatch):
-    monkeypatch.setattr(transformers, "__version__", "5.23.0")
-    with pytest.raises(RuntimeError, match="wrong axes"):
+def test_compat_is_an_attribute_of_dinat_and_leaves_transformers_unimported():
+    """The README's `import dinat; dinat.compat.patch_transformers()`, in a fresh interpreter."""
+    code = (
+        "import sys, dinat\n"
+        "assert 'transformers' not in sys.modules, 'import dinat imported transformers'\n"
+        "module = dinat.compat.patch_transformers()\n"
+        "import transformers\n"
+        "print(transformers.__version__, module.natten2dav is dinat.attention.natten2dav)\n"
+    )
+    assert run_fresh(code).split() == [transformers.__version__, "True"]
+
+
+# Read from each release's models/dinat/modeling_dinat.py (see dinat/compat.py): 4.25-4.27 call the
+# kernel-size-less natten2dqkrpb, 4.54.0 on reshape (B, H, W, C) maps as (B, L, C), 5.5.1 on use the wrong axes.
+@pytest.mark.parametrize(
+    "version", ["4.25.1", "4.27.4", "4.54.0", "4.54.0.dev0", "4.57.6", "5.0.0", "5.5.0", "5.5.1", "5.24.0"]
+)
+def test_broken_releases_are_refused_in_one_line(version):
+    with pytest.raises(RuntimeError) as e:
+        check_version(version)
+    message = str(e.value)
+    assert message.startswith(f"transformers {version}: ") and "\n" not in message
+    assert "pip install 'transformers>=4.28,<4.54'" in message
+
+
+@pytest.mark.parametrize("version", ["4.28.0", "4.46.3", "4.53.3"])
+def test_working_releases_are_accepted(version):
+    assert check_version(version) is None
+
+
+def test_patch_transformers_checks_the_installed_version(monkeypatch):
+    monkeypatch.setattr(transformers, "__version__", "4.57.6")
+    with pytest.raises(RuntimeError, match=r"^transformers 4\.57\.6: .*rewritten in 4\.54\.0"):
         patch_transformers()

@@ -82,6 +82,15 @@ def test_missing_or_corrupt_files(saved, tmp_path):
         dinat.DinatForImageClassification.from_pretrained(tmp_path / "nowhere")
 
 
+def test_pickle_only_checkpoint_is_named(saved):
+    _, path = saved
+    (path / "model.safetensors").rename(path / "pytorch_model.bin")  # what transformers < 4.35 writes by default
+    with pytest.raises(
+        FileNotFoundError, match=r"only pytorch_model.bin; .*save_pretrained\(\.\.\., safe_serialization=True\)"
+    ):
+        dinat.DinatForImageClassification.from_pretrained(path)
+
+
 def test_bf16_export_loads_close(tmp_path):
     model = dinat.create_model("dinat_debug").eval()
     model.save_pretrained(tmp_path, dtype=torch.bfloat16)

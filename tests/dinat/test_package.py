@@ -9,6 +9,8 @@ import torch
 
 import dinat
 
+from .fresh import run_fresh
+
 
 def test_import_dinat_without_training_stack():
     code = (
@@ -19,9 +21,7 @@ def test_import_dinat_without_training_stack():
         "m = dinat.create_model('dinat_debug')\n"
         "print(tuple(m(torch.randn(1, 3, 64, 64)).logits.shape))\n"
     )
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
-    assert out.returncode == 0, out.stderr
-    assert out.stdout.strip() == "(1, 10)"
+    assert run_fresh(code).strip() == "(1, 10)"
 
 
 def test_timm_registration():

@@ -18,8 +18,9 @@ import webdataset as wds
 from PIL import Image
 
 from pipeline.data.manifest import read_classes, read_manifest, verify_shard
+from pipeline.data.planner import split_class
 from pipeline.data.shards import TEST_PAUSE_ENV, main
-from pipeline.data.sources import Item, make_key, split_items
+from pipeline.data.sources import make_key
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -188,34 +189,40 @@ def test_max_side_reencodes_large_images(tmp_path: Path) -> None:
     assert {Image.open(io.BytesIO(d)).size for d in jpgs} == {(16, 12)}
 
 
+def kill_when(cmd: list[str], ready, pause: str = "0.2") -> None:
+    """Run ``cmd`` slowed down by the test pause, SIGKILL its process group once ``ready()`` holds."""
+    env = {**os.environ, TEST_PAUSE_ENV: pause}
+    proc = subprocess.Popen(cmd, cwd=ROOT, env=env, start_new_session=True, stderr=subprocess.DEVNULL)
+    try:
+        deadline, seen = time.monotonic() + 60, False
+        while not seen and time.monotonic() < deadline and proc.poll() is None:
+            time.sleep(0.02)
+            seen = ready()
+        os.killpg(proc.pid, signal.SIGKILL)
+    finally:
+        proc.wait()
+    assert seen and proc.returncode == -signal.SIGKILL, "the run ended before it could be killed"
+
+
 def test_kill_mid_write_then_resume(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
     make_zoo(tmp_path / "src")
     args = [str(tmp_path / "src"), "--shard-samples", "3", "--val-per-class", "1", "--workers", "1"]
     main([args[0], str(tmp_path / "clean"), *args[1:]])
     out = tmp_path / "out"
-    env = {**os.environ, TEST_PAUSE_ENV: "0.2"}
-    cmd = [sys.executable, "-m", "pipeline.data.shards", args[0], str(out), *args[1:]]
-    proc = subprocess.Popen(cmd, cwd=ROOT, env=env, start_new_session=True, stderr=subprocess.DEVNULL)
-    try:
-        deadline, before = time.monotonic() + 60, []
-        while not before and time.monotonic() < deadline and proc.poll() is None:
-            time.sleep(0.02)
-            if (out / "manifest.json").is_file():
-                before = read_manifest(out)["splits"]["train"]["shards"]
-        os.killpg(proc.pid, signal.SIGKILL)
-    finally:
-        proc.wait()
-    assert before and proc.returncode == -signal.SIGKILL, "the run ended before it could be killed"
-    assert len(list(out.glob("*-*.tar"))) < len(shard_list(tmp_path / "clean"))
-    stamps = {e["name"]: (out / e["name"]).stat().st_mtime_ns for e in before}
+    records = out / ".make-shards" / "records"
+    kill_when([sys.executable, "-m", "pipeline.data.shards", args[0], str(out), *args[1:]],
+              lambda: len(list(records.glob("*.json"))) >= 2)  # fmt: skip
+    before = sorted(p.name[: -len(".json")] for p in records.glob("*.json"))
+    assert len(list(out.glob("*-*.tar"))) < len(shard_list(tmp_path / "clean")) and not (out / "manifest.json").exists()
+    stamps = {n: (out / n).stat().st_mtime_ns for n in before}
     (out / ".val-000000.tar.tmp").write_bytes(b"left by a killed run")
 
     caplog.set_level(logging.INFO, logger="pipeline.data.shards")
     main([args[0], str(out), *args[1:]])
     assert shard_list(out) == shard_list(tmp_path / "clean")
-    assert read_manifest(out)["skipped"] == read_manifest(tmp_path / "clean")["skipped"]
-    assert not list(out.glob(".*")) and stamps == {n: (out / n).stat().st_mtime_ns for n in stamps}
-    assert f"kept (verified) {before[0]['name']}" in caplog.text
+    assert read_manifest(out) == read_manifest(tmp_path / "clean")
+    assert not list(out.glob(".*.tmp")) and stamps == {n: (out / n).stat().st_mtime_ns for n in stamps}
+    assert all(f"kept (verified) {n}" in caplog.text for n in before)
 
 
 def test_resume_rewrites_only_bad_shards(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
@@ -247,6 +254,11 @@ def test_parts_and_merge(tmp_path: Path) -> None:
     args = [str(tmp_path / "src"), "--shard-samples", "3", "--val-per-class", "1", "--workers", "1"]
     main([args[0], str(tmp_path / "single"), *args[1:]])
     out = tmp_path / "parts"
+    with pytest.raises(SystemExit, match=r"no plan yet .*: make it first, with the same arguments and --plan"):
+        main([args[0], str(out), *args[1:], "--part", "1/2"])
+    main([args[0], str(out), *args[1:], "--plan"])
+    with pytest.raises(SystemExit, match=r"options differ from the plan's: --seed 1 \(plan: 0\)"):
+        main([args[0], str(out), *args[1:], "--part", "1/2", "--seed", "1"])
     main([args[0], str(out), *args[1:], "--part", "1/2"])
     with pytest.raises(SystemExit, match="missing part manifests: manifest.part-00000-of-00002.json"):
         main(["--merge", str(out)])
@@ -255,6 +267,13 @@ def test_parts_and_merge(tmp_path: Path) -> None:
     single, merged = read_manifest(tmp_path / "single"), read_manifest(out)
     assert shard_list(out) == shard_list(tmp_path / "single")
     assert merged["skipped"] == single["skipped"] and merged["reencoded"] == single["reencoded"] == 2
+    assert merged == single
+
+    (out / "index" / "val-000000.tar.npy").unlink()
+    with pytest.raises(SystemExit, match="1 shards missing or incomplete: val-000000.tar"):
+        main(["--merge", str(out)])
+    main([args[0], str(out), *args[1:], "--part", "0/2"])  # re-run: the shard is kept, its index rewritten
+    main(["--merge", str(out)])
 
     (out / "val-000000.tar").unlink()
     with pytest.raises(SystemExit, match="1 shards missing or incomplete: val-000000.tar"):
@@ -265,7 +284,7 @@ def test_clear_errors_before_work(tmp_path: Path) -> None:
     with pytest.raises(SystemExit, match=f"{tmp_path / 'nope'}: no such directory"):
         main([str(tmp_path / "nope"), str(tmp_path / "out")])
     (tmp_path / "empty").mkdir()
-    with pytest.raises(SystemExit, match="empty: no class folders found"):
+    with pytest.raises(SystemExit, match="empty: empty directory; expected one tar per synset"):
         main([str(tmp_path / "empty"), str(tmp_path / "out")])
     make_tars(tmp_path / "mixed", {"n01": 1})
     (tmp_path / "mixed" / "n02").mkdir()
@@ -277,9 +296,10 @@ def test_clear_errors_before_work(tmp_path: Path) -> None:
 
 
 def test_val_rule_keeps_a_train_sample() -> None:
-    items = [Item(f"c{c}_{i}", f"c{c}/{i}.jpg", c, 100, -1) for c, n in enumerate([1, 2, 5, 12]) for i in range(n)]
-    train, val = split_items(items, 5, seed=0, val_per_class=5)
-    assert [sum(it.label == c for it in val) for c in range(5)] == [0, 1, 4, 5, 0]
-    assert sorted(train + val, key=lambda it: it.key) == sorted(items, key=lambda it: it.key)
+    sizes = [1, 2, 5, 12, 0]
+    splits = [split_class([f"c{c}_{i}" for i in range(n)], seed=0, val_per_class=5) for c, n in enumerate(sizes)]
+    assert [len(val) for val, _ in splits] == [0, 1, 4, 5, 0]
+    assert [len(prefix) for _, prefix in splits] == sizes
+    assert all(list(val) == sorted(set(val.tolist())) for val, _ in splits)  # key order, no repeats
     assert make_key("n01440764", "n01440764_10026.JPEG") == "n01440764_10026"
     assert make_key("cat", "a/b.c.png") == "cat_a_b_c"

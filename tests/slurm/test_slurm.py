@@ -129,15 +129,26 @@ def test_pretrain_two_nodes_requeue_then_export(slurm, tmp_path):
             assert key.endswith(".rpb") and not value.any(), key
 
 
-def submit_shards(slurm, tmp_path, array: str, name: str, *args: str, env: str = "ALL") -> tuple[str, str]:
-    """shards.sbatch as an array, and the merge job that depends on it: (array job id, merge job id)."""
+SHARDS_JOB = [*CPU_JOB, "--mem=1G"]  # the script asks for what ImageNet-22k needs
+
+
+def submit_shards(
+    slurm, tmp_path, array: str, name: str, *args: str, env: str = "ALL", plan: bool = True
+) -> tuple[str, str]:
+    """shards.sbatch's three jobs: the plan (unless ``plan`` is False), the array that waits for it, and the merge
+    that waits for the array: (array job id, merge job id)."""
     out = args[1]
+    after = []
+    if plan:
+        planned = slurm.sbatch(*SHARDS_JOB, f"--output={tmp_path}/{name}-plan.out", "slurm/shards.sbatch", "--plan",
+                               *args, cwd=ROOT)  # fmt: skip
+        after = [f"--dependency=afterok:{planned}"]
     tasks = slurm.sbatch(
-        f"--array={array}", f"--export={env}", *CPU_JOB, f"--output={tmp_path}/{name}-%a.out",
+        *after, f"--array={array}", f"--export={env}", *SHARDS_JOB, f"--output={tmp_path}/{name}-%a.out",
         "slurm/shards.sbatch", *args, cwd=ROOT,
     )  # fmt: skip
     merge = slurm.sbatch(
-        f"--dependency=afterok:{tasks}", *CPU_JOB, f"--output={tmp_path}/{name}-merge.out",
+        f"--dependency=afterok:{tasks}", *SHARDS_JOB, f"--output={tmp_path}/{name}-merge.out",
         "slurm/shards.sbatch", "--merge", out, cwd=ROOT,
     )  # fmt: skip
     return tasks, merge
@@ -158,6 +169,11 @@ def test_shards_array_then_merge(slurm, tmp_path):
     assert sorted(p.name for p in out.glob("manifest.part-*.json")) == [
         f"manifest.part-{i:05d}-of-00003.json" for i in range(3)
     ]
+    # The tars' headers were read once, by the plan job; each task read only its own shards' members.
+    assert "I/O: 84 tar headers read" in (tmp_path / "shards-plan.out").read_text()
+    reads = [re.search(r"I/O: (\d+) tar headers read .* (\d+) members read", (tmp_path / f"shards-{i}.out").read_text())
+             for i in range(3)]  # fmt: skip
+    assert [int(m[1]) for m in reads] == [0, 0, 0] and sum(int(m[2]) for m in reads) == 6 * 14
 
     # The three parts and their merge are the shards a single process writes.
     make_shards([str(src), str(tmp_path / "single"), *common, "--workers", "1"])
@@ -169,7 +185,8 @@ def test_shards_array_then_merge(slurm, tmp_path):
     part1 = read_manifest(out / "manifest.part-00001-of-00003.json")
     lost = part1["splits"]["train"]["shards"][0]["name"]
     (out / lost).unlink()
-    _, merge = submit_shards(slurm, tmp_path, "1", "rerun", str(src), str(out), *common, env="ALL,SHARD_PARTS=3")
+    _, merge = submit_shards(slurm, tmp_path, "1", "rerun", str(src), str(out), *common, env="ALL,SHARD_PARTS=3",
+                             plan=False)  # fmt: skip
     assert slurm.wait(merge, 120)["JobState"] == "COMPLETED"
     kept = sum(len(part1["splits"][s]["shards"]) for s in ("train", "val")) - 1
     assert f"shards: 1 written, {kept} kept (verified)" in (tmp_path / "rerun-1.out").read_text()
@@ -178,8 +195,8 @@ def test_shards_array_then_merge(slurm, tmp_path):
 
 def test_readme_pipeline(slurm, tmp_path):
     """The README's Slurm block as written, on this 2-node CPU cluster: raw tars -> shards array -> merge ->
-    pretrain -> export. The edits: tiny paths and data, 3 array tasks, 2 nodes x 1 CPU rank, the debug model,
-    and no push (the Hub is not reachable from here; tests/test_readme.py checks the push line's refusal)."""
+    pretrain -> export. The edits: tiny paths and data, 3 array tasks, 2 nodes x 1 CPU rank, 1 GB per job, the
+    debug model, and no push (the Hub is not reachable from here; tests/test_readme.py checks the push line's refusal)."""
     from tests.test_readme import TINY, block
 
     raw, shards, run = tmp_path / "raw", tmp_path / "shards", tmp_path / "run"
@@ -191,11 +208,12 @@ def test_readme_pipeline(slurm, tmp_path):
     )
     script = script.replace("RUN=/checkpoints/dinat-large-in22k", f"RUN={run}")
     script = script.replace("--array=0-63%16", "--array=0-2").replace("--nodes 4", "--nodes 2 --ntasks-per-node=1")
-    script = script.replace("sbatch ", f"sbatch {' '.join(CPU_JOB)} --output={tmp_path}/%x-%j-%a.out ")
+    command = re.compile(r"(?<![\w./])sbatch ")  # the command, not the scripts' names
+    script = command.sub(f"sbatch {' '.join(SHARDS_JOB)} --output={tmp_path}/%x-%j-%a.out ", script)
     script = script.replace("run.output_dir=$RUN)", f"run.output_dir=$RUN {' '.join(TINY)} run.export=false)")
     script = script.replace(" --push-to org/dinat-large-in22k", "")
-    assert script.count("sbatch ") == 4 and "--push-to" not in script
-    out = subprocess.run(["bash", "-c", f"set -e\n{script}\necho $shards $merge $train"], cwd=ROOT,
+    assert len(command.findall(script)) == 5 and "--push-to" not in script
+    out = subprocess.run(["bash", "-c", f"set -e\n{script}\necho $plan $shards $merge $train"], cwd=ROOT, env=slurm.env,
                          capture_output=True, text=True)  # fmt: skip
     assert out.returncode == 0, out.stderr
     *submitted, ids = out.stdout.strip().splitlines()
