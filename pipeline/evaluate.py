@@ -10,9 +10,7 @@ import torch.nn.functional as F
 
 
 @torch.no_grad()
-def evaluate(
-    engine, loader, augment, device: torch.device, batches: int, image_size: int
-) -> dict[str, float]:
+def evaluate(engine, loader, augment, device: torch.device, batches: int, image_size: int) -> dict[str, float]:
     """Run exactly ``batches`` forward passes on every rank (ZeRO-3 gathers parameters collectively in forward):
     the rank's own batches, then, once its share of the split is done, a one-image padding batch that counts for
     nothing. Returns eval/loss, eval/top1, eval/top5 (percent) and eval/samples over the whole split."""

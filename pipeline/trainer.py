@@ -26,6 +26,7 @@ from .checkpoint import Checkpointer
 from .config import Config, ConfigError, resolve_batch, save_config
 from .data.build import eval_stream, make_synthetic_if_requested, resolve_dataset, train_augment, train_stream
 from .data.loader import StreamPosition, build_loader
+from .data.plan import Layout
 from .data.transforms import DeviceAugment
 from .distributed import DistInfo, job_identity
 from .engine import PRECISION_DTYPES, Schedule, build_engine, resolve_precision
@@ -137,7 +138,7 @@ class Trainer:
         self.checkpointer = Checkpointer(self.run_dir / "checkpoints", cfg.train.keep_checkpoints, info)
         self.metrics = Metrics(self.run_dir / "tensorboard", info, enabled=cfg.run.tensorboard)
         self.step, self.samples_seen, self.nonfinite, self.nonfinite_total = 0, 0, 0, 0
-        self.position = StreamPosition(cfg.data.mode, cfg.data.workers)
+        self.position = StreamPosition(cfg.data.mode, Layout(info.world_size, max(cfg.data.workers, 1), self.micro))
         self._data_state = None
         self._rng_to_restore = None
         self._saved_step: int | None = None

@@ -74,10 +74,10 @@ elif WHERE == "loop":
 elif WHERE == "startup":
     resolve = build.resolve_dataset
 
-    def resolve_dataset(data):
+    def resolve_dataset(data, info):
         _mark()
         time.sleep(N)
-        return resolve(data)
+        return resolve(data, info)
 
     trainer.resolve_dataset = resolve_dataset
 

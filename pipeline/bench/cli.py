@@ -181,8 +181,9 @@ def main(argv: list[str] | None = None) -> int:
         cfg = build_config(args, world)
         if args.data is not None:  # missing shards or classes.json: refused before any engine is built
             from ..data.build import resolve_dataset
+            from ..distributed import DistInfo
 
-            resolve_dataset(cfg.data)
+            resolve_dataset(cfg.data, DistInfo())
     except ConfigError as e:
         p.error(str(e))
     if args.plan:

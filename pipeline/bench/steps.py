@@ -205,7 +205,7 @@ def real_batches(cfg: Config, info: DistInfo, spec: RunSpec) -> tuple[Batches, i
     from ..data.build import resolve_dataset, train_augment, train_stream
     from ..data.loader import build_loader
 
-    dataset = resolve_dataset(cfg.data)
+    dataset = resolve_dataset(cfg.data, info)
     augment = train_augment(cfg.data, dataset.num_classes, info.device, PRECISION_DTYPES[spec.precision])
     stream = train_stream(cfg.data, dataset, info, spec.micro, cfg.train.seed)
 

@@ -93,7 +93,7 @@ def train_stream(
     micro_batch: int,
     seed: int,
     state: dict | None = None,
-    origin: Origin = Origin(),
+    origin: Origin | None = None,
     generation: int = 0,
 ) -> ShardStream:
     transform = train_transform(

@@ -188,7 +188,8 @@ def expand_inputs(inputs: list[str], split: str | None) -> dict[str, list[Path]]
             files = [Path(u) for u in expand_urls(item)]
             missing = [str(p) for p in files if not p.is_file()]
             if missing:
-                raise IndexingError(f"no such shard: {missing[0]}" + (f" (+{len(missing) - 1} more)" if missing else ""))
+                more = f" (+{len(missing) - 1} more)" if len(missing) > 1 else ""
+                raise IndexingError(f"no such shard: {missing[0]}{more}")
             found.setdefault(split or "train", []).extend(files)
     return found
 
@@ -258,7 +259,7 @@ def index_shards(
     names_seen: dict[str, Path] = {}
     for p in everything:
         if p.name in names_seen and names_seen[p.name] != p:
-            raise IndexingError(f"two shards named {p.name}: {names_seen[p.name]} and {p}; index them into separate OUTs")
+            raise IndexingError(f"two shards named {p.name}: {names_seen[p.name]} and {p}; index them separately")
         names_seen[p.name] = p
     lengths = expected_lengths(everything)
     out.mkdir(parents=True, exist_ok=True)

@@ -15,11 +15,13 @@ at least :data:`MIN_SKIPS_TO_JUDGE` skips) stops the run with the counts.
 
 from __future__ import annotations
 
+import atexit
 import contextlib
 import io
 import itertools
 import json
 import logging
+import multiprocessing
 import random
 import signal
 import zlib
@@ -148,10 +150,10 @@ class ShardStream(IterableDataset):
         seed: int = 0,
         shuffle_buffer: int = 1000,
         state: dict[str, Any] | None = None,
-        origin: Origin = Origin(),
+        origin: Origin | None = None,
         generation: int = 0,
         finite: bool = False,
-        sample_format: SampleFormat = SampleFormat(),
+        sample_format: SampleFormat | None = None,
         max_skip_fraction: float = 0.05,
     ):
         if mode not in MODES:
@@ -165,7 +167,7 @@ class ShardStream(IterableDataset):
         self.layout = Layout(world_size, max(workers, 1), batch_size)
         self.rank, self.seed, self.window = rank, seed, shuffle_buffer
         self.generation, self.finite = generation, finite
-        self.format, self.max_skip_fraction = sample_format, max_skip_fraction
+        self.format, self.max_skip_fraction = sample_format or SampleFormat(), max_skip_fraction
         self.plan = None
         if mode == "epoch":  # validates now, in the main process, rather than in a worker
             unknown = [s.url for s in shards if s.samples is None]
@@ -174,7 +176,7 @@ class ShardStream(IterableDataset):
                     f"epoch mode needs per-shard sample counts (a manifest.json); none for {unknown[0]} "
                     "(dinat-index-shards writes one for existing shards)"
                 )
-            self.plan = EpochPlan([s.samples for s in shards], self.layout, seed, origin)
+            self.plan = EpochPlan([s.samples for s in shards], self.layout, seed, origin or Origin())
         self.start: dict[int, tuple[int, int]] = {}
         self.first_worker = 0
         if state is not None:
@@ -185,11 +187,11 @@ class ShardStream(IterableDataset):
         return self.layout.workers
 
     def load_state(self, state: dict[str, Any]) -> None:
-        if state.get("workers") != self.workers or state.get("mode") != self.mode:
-            raise ValueError(
-                f"data state was saved with mode={state.get('mode')} workers={state.get('workers')}; "
-                f"this loader has mode={self.mode} workers={self.workers}"
-            )
+        saved = {k: state.get(k) for k in ("mode", *self.layout.as_dict())}
+        mine = {"mode": self.mode, **self.layout.as_dict()}
+        if saved != mine:
+            as_text = lambda d: " ".join(f"{k}={v}" for k, v in d.items())  # noqa: E731
+            raise ValueError(f"data state was saved with {as_text(saved)}; this loader has {as_text(mine)}")
         self.start = {int(w): (int(p[0]), int(p[1])) for w, p in state["streams"].items()}
         self.first_worker = round_robin_next(state.get("last_worker"), self.workers)
 
@@ -299,8 +301,12 @@ class ShardStream(IterableDataset):
                 "images": torch.stack([torch.as_tensor(x[0]) for x in items]),
                 "labels": torch.tensor([x[1] for x in items], dtype=torch.long),
                 "meta": dict(
-                    worker=worker, unit=position[0], count=position[1], batches=batches,
-                    skipped=self.skipped, seen=self.seen,
+                    worker=worker,
+                    unit=position[0],
+                    count=position[1],
+                    batches=batches,
+                    skipped=self.skipped,
+                    seen=self.seen,
                 ),  # fmt: skip
             }
             if len(items) < size:
@@ -313,8 +319,8 @@ class StreamPosition:
     Also sums the workers' skipped/seen counters for metrics (``data/skipped_samples``).
     """
 
-    def __init__(self, mode: str, workers: int):
-        self.mode, self.workers = mode, max(workers, 1)
+    def __init__(self, mode: str, layout: Layout):
+        self.mode, self.layout, self.workers = mode, layout, layout.workers
         self.streams: dict[int, tuple[int, int]] = {}
         self.last_worker: int | None = None
         self.counters: dict[int, tuple[int, int]] = {}
@@ -337,7 +343,7 @@ class StreamPosition:
     def state_dict(self) -> dict[str, Any]:
         return {
             "mode": self.mode,
-            "workers": self.workers,
+            **self.layout.as_dict(),
             "last_worker": self.last_worker,
             "streams": {str(w): list(p) for w, p in self.streams.items()},
             "skipped": self.skipped,
@@ -348,6 +354,18 @@ class StreamPosition:
         self.last_worker = state["last_worker"]
         self.streams = {int(w): (int(p[0]), int(p[1])) for w, p in state["streams"].items()}
         self.counters, self.before = {}, (state.get("skipped", 0), state.get("seen", 0))
+
+
+def _kill_daemonic_children() -> None:
+    """At exit, Python stops daemonic children with TERM and waits for them; DataLoader workers ignore TERM (see
+    below), so a program leaving with a live iterator (an exception holds it) would wait forever. Registered after
+    multiprocessing's own exit handler, this runs first and kills them instead."""
+    for child in multiprocessing.active_children():
+        if child.daemon:
+            child.kill()
+
+
+atexit.register(_kill_daemonic_children)
 
 
 def _worker_init(_worker_id: int) -> None:

@@ -193,15 +193,15 @@ def batch_quota(x: int, micro: int, workers: int) -> np.ndarray:
 class EpochPlan:
     """The epoch-mode plan of one job: segment by segment, each rank's and each worker's share."""
 
-    def __init__(self, counts: list[int] | np.ndarray, layout: Layout, seed: int, origin: Origin = Origin()):
+    def __init__(self, counts: list[int] | np.ndarray, layout: Layout, seed: int, origin: Origin | None = None):
         self.counts = np.asarray(counts, dtype=np.int64)
         if (self.counts < 0).any() or not len(self.counts):
             raise ValueError("epoch mode needs the sample count of every shard")
-        self.layout, self.seed, self.origin = layout, seed, origin
+        self.layout, self.seed, self.origin = layout, seed, origin or Origin()
         self.epoch_size = int(self.counts.sum())
         if self.epoch_size < 1:
             raise ValueError("epoch mode: the shards hold no samples")
-        self._leftovers = [ListSegment(list(ps), e) for e, ps in origin.segments]
+        self._leftovers = [ListSegment(list(ps), e) for e, ps in self.origin.segments]
         self._before = np.concatenate([[0], np.cumsum([s.total for s in self._leftovers], dtype=np.int64)])
         self._rank_cuts: dict[int, np.ndarray] = {}
         self._epochs: dict[int, EpochSegment] = {}

@@ -34,10 +34,12 @@ import webdataset as wds
 from PIL import Image, ImageDraw
 
 from pipeline.data import manifest as mf
+from pipeline.data.index import index_name, write_index
+from pipeline.data.index_shards import scan_shard
 
 log = logging.getLogger(__name__)
 
-GENERATOR_VERSION = 1  # bump whenever the images change, so old sets are regenerated
+GENERATOR_VERSION = 2  # bump whenever the set changes (2: sample indexes), so old sets are regenerated
 SHAPES = ("circle", "square", "triangle", "star", "cross")
 COLOURS = {"red": (220, 40, 40), "green": (40, 180, 60), "blue": (50, 80, 230), "yellow": (235, 210, 40),
            "purple": (150, 50, 200)}  # fmt: skip
@@ -191,8 +193,9 @@ def _write_shard(out: Path, split: str, index: int, samples: np.ndarray, params:
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
-    path = out / name
-    return {"name": name, "samples": len(samples), "bytes": path.stat().st_size, "sha256": mf.sha256_file(path)}
+    scan = scan_shard((str(out / name), "jpg", "cls"))  # one pass: size, hash and the sample index
+    write_index(out / index_name(name), scan.offsets)
+    return {"name": name, "samples": len(samples), "bytes": scan.bytes, "sha256": scan.sha256, "index": index_name(name)}
 
 
 def _complete(out: Path, params: SyntheticParams) -> dict[str, Any] | None:

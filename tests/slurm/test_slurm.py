@@ -194,9 +194,10 @@ def test_shards_array_then_merge(slurm, tmp_path):
 
 
 def test_readme_pipeline(slurm, tmp_path):
-    """The README's Slurm block as written, on this 2-node CPU cluster: raw tars -> shards array -> merge ->
-    pretrain -> export. The edits: tiny paths and data, 3 array tasks, 2 nodes x 1 CPU rank, 1 GB per job, the
-    debug model, and no push (the Hub is not reachable from here; tests/test_readme.py checks the push line's refusal)."""
+    """The README's Slurm block as written, on this 2-node CPU cluster: raw tars -> plan -> shards array ->
+    merge -> pretrain -> export. The edits: tiny paths and data, 3 array tasks, 2 nodes x 1 CPU rank, 1 GB per
+    job, the debug model, and no push (the Hub is not reachable from here; tests/test_readme.py checks the push
+    line's refusal)."""
     from tests.test_readme import TINY, block
 
     raw, shards, run = tmp_path / "raw", tmp_path / "shards", tmp_path / "run"
