@@ -8,6 +8,7 @@ One checkpoint, ``ROOT/step_00000100``::
     latest            DeepSpeed's tag pointer ("deepspeed"): DeepSpeed's own tools read the directory as is
     zero_to_fp32.py   DeepSpeed's consolidation script, copied by save_checkpoint
     deepspeed/        DeepSpeed's sharded checkpoint (model states, ZeRO optimizer shards, lr scheduler)
+    universal/        added by the first resume on another world size (pipeline.reshard), then reused
 
 A save writes ``ROOT/.tmp-step_00000100`` and renames it once every rank's files are on disk, so a job
 killed mid-save leaves the earlier checkpoints as they were and a temporary directory that nothing
@@ -31,6 +32,7 @@ import torch
 
 from .data.manifest import read_json, write_json_atomic
 from .distributed import DistInfo
+from .reshard import UNIVERSAL_TAG, ensure_universal, repair_zero3
 
 logger = logging.getLogger(__name__)
 
@@ -65,6 +67,14 @@ def complete_checkpoints(root: Path) -> list[tuple[int, Path]]:
 def latest_checkpoint(root: Path) -> Path | None:
     found = complete_checkpoints(root)
     return found[-1][1] if found else None
+
+
+def read_state(path: Path) -> dict[str, Any]:
+    """state.json of a complete checkpoint; ValueError naming it otherwise."""
+    path = Path(path)
+    if not is_complete(path):
+        raise ValueError(f"{path}: not a complete checkpoint (no {COMPLETE} marker)")
+    return read_json(path / STATE_NAME)
 
 
 def _fsync(path: Path) -> None:
@@ -125,40 +135,43 @@ class Checkpointer:
         logger.debug("checkpoint %s written", final)
         return final
 
-    def load(self, engine, path: Path) -> tuple[dict[str, Any], dict[str, Any]]:
-        """Load model, optimizer and lr scheduler into ``engine`` (all ranks call this).
+    def load(self, engine, path: Path, universal: bool = False) -> tuple[dict[str, Any], dict[str, Any] | None]:
+        """Load model, optimizer and lr scheduler into ``engine`` (all ranks call this); ``universal``: from the
+        checkpoint's universal conversion (:mod:`pipeline.reshard`; the engine was built to load it).
 
-        Returns (state.json's dict, this rank's rank_state).
-        """
+        Returns (state.json's dict, this rank's rank_state; None when the world size changed)."""
         path = Path(path)
-        if not is_complete(path):
-            raise ValueError(f"{path}: not a complete checkpoint (no {COMPLETE} marker)")
-        state = read_json(path / STATE_NAME)
-        written = state.get("world_size")
-        if written != self.dist.world_size:
+        state = read_state(path)
+        written, stage = state.get("world_size"), engine.zero_optimization_stage()
+        if not universal and (written != self.dist.world_size or state.get("zero_stage") != stage):
             raise ValueError(
-                f"{path}: written by {written} ranks, this job has {self.dist.world_size}; resume with "
-                f"{written} ranks (ZeRO shards and per-rank data positions are not resharded), or start a new run "
-                "from its weights (dinat-export)"
-            )
-        stage = engine.zero_optimization_stage()
-        if state.get("zero_stage") != stage:
-            raise ValueError(
-                f"{path}: written with ZeRO stage {state.get('zero_stage')}, this engine uses stage {stage}; resume "
-                f"with stage {state.get('zero_stage')}, or start a new run from its weights (dinat-export)"
+                f"{path}: written by {written} ranks with ZeRO stage {state.get('zero_stage')}; this engine has "
+                f"{self.dist.world_size} ranks and stage {stage}: it must be built to load the universal conversion"
             )
         newer = [p.name for s, p in complete_checkpoints(self.root) if s > state["step"]]
         if newer and self.dist.is_main:
             logger.warning("loading %s; the newer %s will be replaced as training passes them", path, newer)
-        load_path, _ = engine.load_checkpoint(
-            str(path), tag=DS_TAG, load_optimizer_states=True, load_lr_scheduler_states=True
-        )
+        tag = UNIVERSAL_TAG if universal else DS_TAG
+        load_path, _ = engine.load_checkpoint(str(path), tag=tag, load_optimizer_states=True,
+                                              load_lr_scheduler_states=True)  # fmt: skip
         if load_path is None:
-            raise ValueError(f"{path}: DeepSpeed found no checkpoint in {DS_TAG}/")
-        # Our own file (RNG states are tuples/numpy arrays, which weights_only refuses).
-        rank_state = torch.load(path / rank_file_name(self.dist.rank), map_location="cpu", weights_only=False)
+            raise ValueError(f"{path}: DeepSpeed found no checkpoint in {tag}/")
+        if universal and stage == 3:
+            repair_zero3(engine, path)
+        rank_state = None
+        if written == self.dist.world_size:  # our own file (RNG states are tuples/numpy, which weights_only refuses)
+            rank_state = torch.load(path / rank_file_name(self.dist.rank), map_location="cpu", weights_only=False)
         logger.debug("loaded %s (step %d)", path, state["step"])
         return state, rank_state
+
+    def prepare_universal(self, path: Path, state: dict[str, Any]) -> float | None:
+        """Rank 0 converts ``path`` for a resharded resume unless it was already; the others wait. Returns the
+        conversion's seconds on rank 0 (None when there was nothing to do, and on the other ranks)."""
+        seconds = None
+        if self.dist.is_main:
+            seconds = ensure_universal(Path(path), Path(path) / DS_TAG, int(state["world_size"]))
+        self.dist.barrier()
+        return seconds
 
     # -- internals --
     def _sync_share(self, tmp: Path) -> None:

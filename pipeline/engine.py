@@ -67,9 +67,14 @@ def resolve_precision(precision: str, device: torch.device) -> str:
     return precision
 
 
-def deepspeed_config(cfg: Config, micro: int, accum: int, global_batch: int, precision: str) -> dict[str, Any]:
-    """The user's ``deepspeed:`` section plus what the pipeline derives (one source of truth)."""
+def deepspeed_config(
+    cfg: Config, micro: int, accum: int, global_batch: int, precision: str, load_universal: bool = False
+) -> dict[str, Any]:
+    """The user's ``deepspeed:`` section plus what the pipeline derives (one source of truth). ``load_universal``:
+    the engine will load a checkpoint's universal conversion (a resume on another world size)."""
     ds = copy.deepcopy(cfg.deepspeed)
+    if load_universal:
+        ds["checkpoint"] = {**ds.get("checkpoint", {}), "load_universal": True}
     ds.update(
         train_batch_size=global_batch,
         train_micro_batch_size_per_gpu=micro,
@@ -96,7 +101,14 @@ def build_optimizer(cfg: Config, model: torch.nn.Module, device: torch.device, l
 
 
 def build_engine(
-    cfg: Config, model: torch.nn.Module, info: DistInfo, micro: int, accum: int, global_batch: int, schedule: Schedule
+    cfg: Config,
+    model: torch.nn.Module,
+    info: DistInfo,
+    micro: int,
+    accum: int,
+    global_batch: int,
+    schedule: Schedule,
+    load_universal: bool = False,
 ):
     """-> (engine, optimizer, lr_scheduler). The scheduler steps once per optimizer step (DeepSpeed calls it)."""
     import deepspeed
@@ -104,7 +116,7 @@ def build_engine(
     precision = resolve_precision(cfg.train.precision, info.device)
     optimizer = build_optimizer(cfg, model, info.device, schedule.peak_lr)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: schedule.lr(step) / schedule.peak_lr)
-    ds_config = deepspeed_config(cfg, micro, accum, global_batch, precision)
+    ds_config = deepspeed_config(cfg, micro, accum, global_batch, precision, load_universal)
     engine, optimizer, _, scheduler = deepspeed.initialize(
         model=model, optimizer=optimizer, lr_scheduler=scheduler, config=ds_config, dist_init_required=False
     )

@@ -131,6 +131,13 @@ class Metrics:
         grid = make_grid(images_uint8.detach().cpu(), nrow=nrow, padding=2)  # (3, H', W') uint8
         self._writer.add_image(tag, grid, step, dataformats="CHW")
 
+    def text(self, step: int, tag: str, text: str) -> None:
+        """A line of text at ``step`` (TensorBoard's Text tab), e.g. how a run resumed."""
+        if self._writer is None:
+            return
+        _check_tag(tag)
+        self._writer.add_text(tag, text, step)
+
     def hparams(self, config_dict: dict, metrics: dict[str, float | None], step: int = 0) -> None:
         """Record the run's (nested) config as hparams under dotted keys, and declare ``metrics`` (grouped
         tags) as the ones the hparams dashboard shows. The dashboard reads each tag's latest scalar, so

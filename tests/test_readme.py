@@ -31,6 +31,7 @@ BLOCKS: dict[str, str | tuple[str, str]] = {
         "tests/test_readme.py::test_quickstart"
     ),
     "dinat-make-shards /data/imagenet22k-raw": "tests/test_readme.py::test_make_shards",
+    "dinat-index-shards /data/imagenet-22k-wds": "tests/test_readme.py::test_index_shards",
     "accelerate launch --config_file launch/accelerate_all_gpus.yaml": "tests/test_readme.py::test_launchers",
     "dinat-export runs/": "tests/test_readme.py::test_export",
     "RAW=/data/imagenet22k-raw": "tests/slurm/test_slurm.py::test_readme_pipeline",
@@ -148,6 +149,22 @@ def test_make_shards(tmp_path):
     assert [c["name"] for c in classes] == [f"thing {i}" for i in range(4)]
     manifest = json.loads((out / "manifest.json").read_text())
     assert manifest["splits"]["train"]["samples"] + manifest["splits"]["val"]["samples"] == 48
+
+
+def test_index_shards(tmp_path):
+    """The indexing line on a small set laid out as timm's imagenet-22k-wds."""
+    from tests.test_foreign_shards import write_timm_set
+
+    src, out = tmp_path / "imagenet-22k-wds", tmp_path / "in22k-index"
+    src.mkdir()
+    write_timm_set(src)
+    [command] = block("dinat-index-shards").commands()
+    command = command.replace("/data/imagenet-22k-wds", str(src)).replace("/data/in22k-index", str(out))
+    command = command.replace("/data/imagenet22k_synsets.txt", str(src / "imagenet22k_synsets.txt"))
+    ok(command.replace("--workers 16", "--workers 2"))
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["splits"]["train"]["samples"] == 48 and manifest["splits"]["val"]["samples"] == 8
+    assert json.loads((out / "classes.json").read_text())["classes"][3]["id"] == "n00000003"
 
 
 @pytest.fixture(scope="module")

@@ -49,7 +49,8 @@ def test_two_rank_training_with_zero(stage, shards, tmp_path):
     assert "step 60/60" in rank0 and "step 60/60" not in rank1  # INFO lines only from rank 0
     loss = [v for _, v in scalars(run)["train/loss"]]
     assert len(loss) == 60
-    assert sum(loss[-15:]) / 15 < 0.85 * sum(loss[:15]) / 15, loss  # measured: ~0.75 on ZeRO-2
+    # it learns: the last 15 losses average below 0.92x the first 15 (measured 0.76-0.88 over train.seed 0-6)
+    assert sum(loss[-15:]) / 15 < 0.92 * sum(loss[:15]) / 15, loss
     # rank-0-only outputs exist once
     assert len(list((run / "tensorboard").rglob("events.out.tfevents.*"))) == 1
     assert (run / "config.yaml").is_file() and (run / "export" / "model.safetensors").is_file()

@@ -11,7 +11,9 @@ its directory), ``webdataset.ShardWriter`` output with any file names, and image
 ``png`` or ``webp`` (``--image-key`` / ``--label-key`` where a set differs: ``--label-key json:label_12k``).
 
 A sample is the consecutive tar members that share a key (the file name up to its first dot), as webdataset
-groups them. Shards are indexed in parallel (``--workers``); the workers do not import torch.
+groups them. Each shard is read once in large sequential reads (size, sha256), then its headers are read from
+the page cache with 512-byte reads that seek over the data. Shards are indexed in parallel (``--workers``); the
+workers do not import torch.
 """
 
 from __future__ import annotations
@@ -48,7 +50,7 @@ log = logging.getLogger(__name__)
 IMAGE_KEYS = ("jpg", "jpeg", "png", "webp")
 INFO_NAMES = ("_info.json", "info.json")
 SPLIT_NAMES = {"train": "train", "val": "val", "validation": "val"}  # _info.json's names -> ours
-READ_SIZE = 1 << 20
+READ_SIZE = 4 << 20
 _META = re.compile(r"__[^/]*__($|/)")
 
 
@@ -71,19 +73,6 @@ def _skipped_member(info: tarfile.TarInfo) -> bool:
         or _META.match(name) is not None
         or ("/" not in name and name.startswith("__") and name.endswith("__"))
     )
-
-
-class _HashingReader:
-    """A read-only file object that hashes and counts what is read through it."""
-
-    def __init__(self, f: Any):
-        self.f, self.sha, self.bytes = f, hashlib.sha256(), 0
-
-    def read(self, n: int = -1) -> bytes:
-        data = self.f.read(n)
-        self.sha.update(data)
-        self.bytes += len(data)
-        return data
 
 
 @dataclass
@@ -125,10 +114,14 @@ def scan_shard(task: tuple[str, str, str]) -> ShardScan:
             scan.max_label = max(scan.max_label, label)
         label = None
 
+    sha, size = hashlib.sha256(), 0
     with open(url, "rb", buffering=0) as raw:
-        f = _HashingReader(raw)
-        try:
-            with tarfile.open(fileobj=f, mode="r|", bufsize=READ_SIZE) as tf:
+        while block := raw.read(READ_SIZE):  # the whole file, sequentially: hash and size
+            sha.update(block)
+            size += len(block)
+        raw.seek(0)
+        try:  # then the headers alone, seeking over the data (now in the page cache): 512-byte reads
+            with tarfile.open(fileobj=raw, mode="r:") as tf:
                 for info in tf:
                     if _skipped_member(info):
                         continue
@@ -152,10 +145,8 @@ def scan_shard(task: tuple[str, str, str]) -> ShardScan:
                 end = tf.offset
         except tarfile.TarError as e:
             raise IndexingError(f"{url}: not a readable tar file ({e})") from None
-        while f.read(READ_SIZE):  # the end-of-archive blocks and padding, for the size and hash
-            pass
     scan.offsets.append(end)
-    scan.bytes, scan.sha256 = f.bytes, f.sha.hexdigest()
+    scan.bytes, scan.sha256 = size, sha.hexdigest()
     return scan
 
 

@@ -222,12 +222,14 @@ class ShardStream(IterableDataset):
                 done = 0
             done = 0
 
-    def _samples(self, slot: int, worker: int, start: tuple[int, int]) -> Iterator[tuple[Any, int, int, int]]:
-        """(transformed image, label, unit, samples read in it) from ``start`` on; bad samples skipped."""
+    def _samples(self, slot: int, worker: int, start: tuple[int, int]) -> Iterator[tuple]:
+        """(transformed image, label, unit, samples read in it, key, epoch) from ``start`` on; bad samples skipped.
+        ``epoch`` is the epoch the sample is read for (-1 in resampled mode)."""
         reader: ShardReader | None = None  # one open shard at a time
         position = start
         for unit, piece, tag, done in self._pieces(slot, worker, start):
             shard = self.shards[piece.shard]
+            epoch = self.plan.segment(unit).epoch if self.mode == "epoch" else -1
             if reader is None or reader.shard is not shard:
                 if reader is not None:
                     reader.close()
@@ -258,7 +260,7 @@ class ShardStream(IterableDataset):
                 with _own_rng(get_worker_info() is None):
                     seed_augmentation(self.seed, tag, piece.shard, index)
                     image = self.transform(image)
-                yield image, label, unit, count
+                yield image, label, unit, count, sample.get("__key__", ""), epoch
 
     def _skip(self, sample: dict[str, Any], shard: Shard, reason: str) -> None:
         self.skipped += 1
@@ -296,10 +298,12 @@ class ShardStream(IterableDataset):
                 if self.finite:
                     return
                 raise DataError(f"rank {self.rank} worker {worker}: the shards gave no samples")
-            position = items[-1][2:]
+            position = items[-1][2:4]
             yield {
                 "images": torch.stack([torch.as_tensor(x[0]) for x in items]),
                 "labels": torch.tensor([x[1] for x in items], dtype=torch.long),
+                "keys": [x[4] for x in items],  # which samples these are, and for which epoch (-1: resampled)
+                "epochs": torch.tensor([x[5] for x in items], dtype=torch.long),
                 "meta": dict(
                     worker=worker,
                     unit=position[0],
