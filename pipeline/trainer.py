@@ -26,13 +26,15 @@ from .checkpoint import Checkpointer
 from .config import Config, ConfigError, resolve_batch, save_config
 from .data.build import eval_stream, make_synthetic_if_requested, resolve_dataset, train_augment, train_stream
 from .data.loader import StreamPosition, build_loader
-from .data.plan import Layout
+from .data.plan import Layout, Origin
+from .data.resume import continue_from, job_state
 from .data.transforms import DeviceAugment
 from .distributed import DistInfo, job_identity
 from .engine import PRECISION_DTYPES, Schedule, build_engine, resolve_precision
 from .evaluate import evaluate
 from .lifecycle import EXIT_FAILURE, EXIT_OK, EXIT_REQUEUE, Lifecycle
 from .metrics import Metrics, StepTimer, mfu, peak_flops
+from .resume import plan_resume, reseed
 from .run_claim import RunClaim, RunDirBusy
 
 logger = logging.getLogger(__name__)
@@ -129,17 +131,22 @@ class Trainer:
         random.seed(cfg.train.seed)
         np.random.seed(cfg.train.seed)
         self.model = self._build_model()
+        self.checkpointer = Checkpointer(self.run_dir / "checkpoints", cfg.train.keep_checkpoints, info)
+        stage = cfg.deepspeed.get("zero_optimization", {}).get("stage", 0)
+        self.resuming = plan_resume(cfg.run.resume, self.checkpointer, self.model, info, stage)
+        universal = self.resuming is not None and self.resuming.universal
         self.engine, _, self.scheduler = build_engine(
-            cfg, self.model, info, self.micro, self.accum, self.global_batch, self.schedule
+            cfg, self.model, info, self.micro, self.accum, self.global_batch, self.schedule, universal
         )
         dtype = PRECISION_DTYPES[self.precision]
         self.augment = train_augment(cfg.data, self.dataset.num_classes, info.device, dtype)
         self.eval_augment = DeviceAugment(self.dataset.num_classes, info.device, training=False, dtype=dtype)
-        self.checkpointer = Checkpointer(self.run_dir / "checkpoints", cfg.train.keep_checkpoints, info)
         self.metrics = Metrics(self.run_dir / "tensorboard", info, enabled=cfg.run.tensorboard)
         self.step, self.samples_seen, self.nonfinite, self.nonfinite_total = 0, 0, 0, 0
-        self.position = StreamPosition(cfg.data.mode, Layout(info.world_size, max(cfg.data.workers, 1), self.micro))
-        self._data_state = None
+        self.layout = Layout(info.world_size, max(cfg.data.workers, 1), self.micro)
+        self.position = StreamPosition(cfg.data.mode, self.layout)
+        self._data_state = None  # this rank's stream positions (a resume on the same layout)
+        self._origin, self._generation = Origin(), 0  # where the data plan starts (after a resume on another one)
         self._rng_to_restore = None
         self._saved_step: int | None = None
         flops = dinat.flops.train_step_flops(self.model.config, cfg.data.image_size, self.global_batch)
@@ -180,23 +187,39 @@ class Trainer:
         return model.to(self.info.device)
 
     def resume(self) -> None:
-        """Load the checkpoint ``run.resume`` names (auto: the latest complete one, if any)."""
-        choice = self.cfg.run.resume
-        path = None if choice == "none" else self.checkpointer.latest() if choice == "auto" else Path(choice)
-        if path is None:
+        """Load the checkpoint chosen at start-up (:func:`pipeline.resume.plan_resume`), if any."""
+        r = self.resuming
+        if r is None:
             return
-        state, rank_state = self.checkpointer.load(self.engine, path)
+        state, rank_state = self.checkpointer.load(self.engine, r.path, universal=r.universal)
         self.step, self.samples_seen = state["step"], state["samples_seen"]
         self.nonfinite_total = state.get("nonfinite_total", 0)
-        self._data_state = rank_state["data"]
-        self.position.load_state_dict(rank_state["data"])
-        self._rng_to_restore = rank_state["rng"]  # after the data iterator exists (see _batches)
-        logger.info("resumed from %s at step %d", path, self.step)
+        d = self.cfg.data
+        if "data" in state:
+            seed = self.cfg.train.seed
+            go = continue_from(state["data"], self.dataset.train, self.layout, d.mode, d.shuffle_buffer, seed)
+            self._origin, self._generation, summary = go.origin, go.generation, go.summary
+            same = go.same_layout
+        elif rank_state is not None:  # written before checkpoints held the whole job's data position
+            same, summary = True, "each stream continues where it stopped"
+        else:
+            raise ConfigError(f"run.resume: {r.path} has no job-wide data position; resume it on its own world size")
+        if same:
+            self._data_state = rank_state["data"]
+            self.position.load_state_dict(rank_state["data"])
+            self._rng_to_restore = rank_state["rng"]  # after the data iterator exists (see _batches)
+        else:
+            self.position.before = (state["data"]["skipped"], state["data"]["seen"])
+            reseed(self.cfg.train.seed, self.step, self.info.rank)
+        text = r.describe(self.info, summary)
+        logger.info("%s", text)
+        self.metrics.text(self.step, "train/resume", text)
 
     # -- the loop -------------------------------------------------------------------------------------
     def _batches(self):
         """Training batches forever (epoch mode: epoch after epoch, one endless stream), tracking the position."""
-        stream = train_stream(self.cfg.data, self.dataset, self.info, self.micro, self.cfg.train.seed, self._data_state)
+        stream = train_stream(self.cfg.data, self.dataset, self.info, self.micro, self.cfg.train.seed, self._data_state,
+                              self._origin, self._generation)  # fmt: skip
         iterator = iter(build_loader(stream, pin_memory=self.info.device.type == "cuda"))
         if self._rng_to_restore is not None:
             set_rng_state(self._rng_to_restore)
@@ -372,10 +395,21 @@ class Trainer:
             "nonfinite_total": self.nonfinite_total,
         }
         rank_state = {"data": self.position.state_dict(), "rng": rng_state()}
+        state["data"] = self._job_data_state(rank_state["data"])
         path = self.checkpointer.save(self.engine, self.step, state, rank_state)
         self._saved_step = self.step
         logger.info("checkpoint %s", path)
         return path
+
+    def _job_data_state(self, mine: dict[str, Any]) -> dict[str, Any]:
+        """Every slot's position, gathered from all ranks (a small record: two ints per slot)."""
+        per_rank = [mine]
+        if self.info.world_size > 1:
+            per_rank = [None] * self.info.world_size
+            dist.all_gather_object(per_rank, mine)
+        d = self.cfg.data
+        return job_state(per_rank, self.layout, mode=d.mode, seed=self.cfg.train.seed, window=d.shuffle_buffer,
+                         shards=self.dataset.train, origin=self._origin, generation=self._generation)  # fmt: skip
 
     def _params_finite(self) -> bool:
         ok = all(bool(torch.isfinite(getattr(p, "ds_tensor", p)).all()) for p in self.engine.module.parameters())

@@ -41,8 +41,11 @@ def job_state(per_rank: list[dict[str, Any]], layout: Layout, *, mode: str, seed
         "layout": layout.as_dict(),
         "seed": seed,
         "window": window,
-        "shards": {"count": len(shards), "samples": sum(s.samples or 0 for s in shards),
-                   "digest": shards_digest(shards)},  # fmt: skip
+        "shards": {
+            "count": len(shards),
+            "samples": sum(s.samples or 0 for s in shards),
+            "digest": shards_digest(shards),
+        },  # fmt: skip
         "origin": origin.as_dict(),
         "generation": generation,
         "last_worker": per_rank[0].get("last_worker"),

@@ -195,7 +195,8 @@ def _write_shard(out: Path, split: str, index: int, samples: np.ndarray, params:
         raise
     scan = scan_shard((str(out / name), "jpg", "cls"))  # one pass: size, hash and the sample index
     write_index(out / index_name(name), scan.offsets)
-    return {"name": name, "samples": len(samples), "bytes": scan.bytes, "sha256": scan.sha256, "index": index_name(name)}
+    entry = {"name": name, "samples": len(samples), "bytes": scan.bytes, "sha256": scan.sha256}
+    return {**entry, "index": index_name(name)}
 
 
 def _complete(out: Path, params: SyntheticParams) -> dict[str, Any] | None:

@@ -209,8 +209,8 @@ def save_then_hang_worker(info, root: str, ready: str) -> None:
 
 
 def resume_worker(info, root: str, out: str) -> None:
-    """A fresh job after the kill: a checkpoint of another world size is refused; the latest one loads and
-    the job saves step 3 again (over the name the killed save used)."""
+    """A fresh job after the kill: a checkpoint of another world size is refused by an engine not built for a
+    universal load; the latest one loads and the job saves step 3 again (over the name the killed save used)."""
     import shutil
 
     from pipeline.checkpoint import STATE_NAME, Checkpointer
