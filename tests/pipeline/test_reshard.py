@@ -143,7 +143,7 @@ def test_what_cannot_be_resharded_is_refused_in_one_line(chain, tmp_path):
     broken = tmp_path / "broken"
     import shutil
 
-    shutil.copytree(path, broken)
+    shutil.copytree(path, broken, ignore=shutil.ignore_patterns(UNIVERSAL_TAG))  # not converted yet
     for f in (broken / "deepspeed").glob("*zero_pp_rank_1_*optim_states.pt"):
         f.unlink()
     with pytest.raises(Unresumable, match=rf"{broken}: the optimizer files of rank\(s\) \[1\] are missing"):
