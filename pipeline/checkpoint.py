@@ -30,7 +30,7 @@ from typing import Any
 
 import torch
 
-from .data.manifest import read_json, write_json_atomic
+from .data.manifest import fsync_path, read_json, write_json_atomic
 from .distributed import DistInfo
 from .reshard import UNIVERSAL_TAG, ensure_universal, repair_zero3
 
@@ -75,14 +75,6 @@ def read_state(path: Path) -> dict[str, Any]:
     if not is_complete(path):
         raise ValueError(f"{path}: not a complete checkpoint (no {COMPLETE} marker)")
     return read_json(path / STATE_NAME)
-
-
-def _fsync(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 class Checkpointer:
@@ -178,24 +170,24 @@ class Checkpointer:
         """fsync this rank's share of the files (any rank may fsync any file of a shared filesystem)."""
         files = sorted(p for p in tmp.rglob("*") if p.is_file())
         for f in files[self.dist.rank :: self.dist.world_size]:
-            _fsync(f)
+            fsync_path(f)
 
     def _commit(self, tmp: Path, final: Path) -> None:
         missing = [rank_file_name(r) for r in range(self.dist.world_size) if not (tmp / rank_file_name(r)).is_file()]
         if missing:
             raise RuntimeError(f"{tmp}: missing {', '.join(missing)}; is {self.root} on a filesystem all ranks share?")
         for d in (tmp / DS_TAG, tmp):
-            _fsync(d)
+            fsync_path(d)
         with open(tmp / COMPLETE, "w") as f:
             f.write(f"{final.name}\n")
             f.flush()
             os.fsync(f.fileno())
-        _fsync(tmp)
+        fsync_path(tmp)
         if final.exists():  # a rerun over an older trajectory: replace it (it is never half visible)
             logger.warning("%s exists; replacing it", final)
             self._delete(final)
         os.rename(tmp, final)
-        _fsync(self.root)
+        fsync_path(self.root)
 
     def _prune(self, just_written: Path) -> None:
         found = complete_checkpoints(self.root)

@@ -11,6 +11,7 @@ import logging
 import os
 import socket
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 import torch.distributed as dist
@@ -50,6 +51,12 @@ def launch_env() -> tuple[int, int, int]:
     return rank, world, local
 
 
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
 def init_distributed(timeout_minutes: int = 30) -> DistInfo:
     """Join (or, for a single process, create) the process group; NCCL on GPUs, gloo on CPU."""
     rank, world, local = launch_env()
@@ -60,7 +67,8 @@ def init_distributed(timeout_minutes: int = 30) -> DistInfo:
         device, backend = torch.device("cpu"), "gloo"
     if not dist.is_initialized():
         os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
-        os.environ.setdefault("MASTER_PORT", str(29500 + os.getpid() % 1000 if world == 1 else 29500))
+        if "MASTER_PORT" not in os.environ:  # a lone process takes a free port: two jobs on one machine never clash
+            os.environ["MASTER_PORT"] = str(_free_port() if world == 1 else 29500)
         os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(local))
         dist.init_process_group(
             backend, rank=rank, world_size=world, timeout=datetime.timedelta(minutes=timeout_minutes)
@@ -69,6 +77,19 @@ def init_distributed(timeout_minutes: int = 30) -> DistInfo:
     if (info.rank, info.world_size) != (rank, world):
         raise RuntimeError(f"process group says rank {info.rank}/{info.world_size}, environment {rank}/{world}")
     return info
+
+
+def unlink_deepspeed_shm(info: DistInfo) -> None:
+    """Remove the names of DeepSpeed's shared-memory all-reduce segments, once every rank has mapped them.
+
+    Under launchers that set LOCAL_SIZE (accelerate, deepspeed) DeepSpeed's CPU backend creates one
+    ``/dev/shm/deepspeed_allreduce_buffer_<uid>_<addr>_<port>_<rank>`` (66 MB) per rank and never unlinks it:
+    each CPU job left world x 66 MB of memory behind until reboot. A rank's initialisation returns after it has
+    mapped every peer's segment, so past a barrier the names can go; the mappings live until the processes exit.
+    Call it on every rank after ``deepspeed.initialize``."""
+    addr, port = os.environ.get("MASTER_ADDR", ""), os.environ.get("MASTER_PORT", "")
+    info.barrier()
+    Path("/dev/shm", f"deepspeed_allreduce_buffer_{os.getuid()}_{addr}_{port}_{info.rank}").unlink(missing_ok=True)
 
 
 def connect_store(timeout_s: float = 10.0) -> dist.Store:

@@ -12,7 +12,7 @@ from typing import Any
 import torch
 
 from .config import Config, ConfigError
-from .distributed import DistInfo
+from .distributed import DistInfo, unlink_deepspeed_shm
 
 logger = logging.getLogger(__name__)
 
@@ -120,6 +120,7 @@ def build_engine(
     engine, optimizer, _, scheduler = deepspeed.initialize(
         model=model, optimizer=optimizer, lr_scheduler=scheduler, config=ds_config, dist_init_required=False
     )
+    unlink_deepspeed_shm(info)
     if cfg.model.compile:
         # Fixed shapes: a recompile for the next level's map size would otherwise switch dynamo to dynamic
         # shapes, and inductor (torch 2.14) fails on the padding arithmetic of DinatLayer with them.

@@ -10,10 +10,13 @@ import torch.nn.functional as F
 
 
 @torch.no_grad()
-def evaluate(engine, loader, augment, device: torch.device, batches: int, image_size: int) -> dict[str, float]:
+def evaluate(
+    engine, loader, augment, device: torch.device, batches: int, image_size: int, whole: bool = True
+) -> dict[str, float]:
     """Run exactly ``batches`` forward passes on every rank (ZeRO-3 gathers parameters collectively in forward):
     the rank's own batches, then, once its share of the split is done, a one-image padding batch that counts for
-    nothing. Returns eval/loss, eval/top1, eval/top5 (percent) and eval/samples over the whole split."""
+    nothing. ``whole``: ``batches`` is the plan's count for the whole split (else a cap, ``train.eval_batches``).
+    Returns eval/loss, eval/top1, eval/top5 (percent) and eval/samples over what was read."""
     was_training = engine.module.training
     engine.module.eval()
     totals = torch.zeros(4, dtype=torch.float64, device=device)  # loss sum, top1, top5, count
@@ -32,7 +35,7 @@ def evaluate(engine, loader, augment, device: torch.device, batches: int, image_
         totals[1] += (top5[:, 0] == y).sum()
         totals[2] += (top5 == y[:, None]).any(dim=-1).sum()
         totals[3] += len(y)
-    for _ in itertools.islice(real, 1):  # a share longer than planned would be a bug in the plan
+    for _ in itertools.islice(real, 1 if whole else 0):  # a share longer than planned would be a bug in the plan
         raise AssertionError("evaluation stream longer than its planned batch count")
     if dist.is_initialized():
         dist.all_reduce(totals)

@@ -28,6 +28,8 @@ from typing import Any
 
 import torch
 
+from .data.manifest import fsync_path
+
 logger = logging.getLogger(__name__)
 
 UNIVERSAL_TAG = "universal"
@@ -109,7 +111,7 @@ def ensure_universal(path: Path, ds_dir: Path, written: int, workers: int = 4) -
     (path / "latest_universal").unlink(missing_ok=True)  # names the temporary folder; the tag is always explicit
     _fsync_tree(tmp)
     os.rename(tmp, target)
-    _fsync(path)
+    fsync_path(path)
     return time.monotonic() - start
 
 
@@ -127,15 +129,7 @@ def repair_zero3(engine, path: Path) -> None:
             state["step"] = state["step"].clone()
 
 
-def _fsync(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 def _fsync_tree(root: Path) -> None:
     for p in sorted(root.rglob("*"), reverse=True):
-        _fsync(p)
-    _fsync(root)
+        fsync_path(p)
+    fsync_path(root)

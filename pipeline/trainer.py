@@ -363,10 +363,12 @@ class Trainer:
 
     def _evaluate(self) -> dict[str, float]:
         loader = build_loader(self.val_stream, pin_memory=self.info.device.type == "cuda")
-        batches = self.val_stream.batches_per_rank()
-        if self.cfg.train.eval_batches is not None:
-            batches = min(batches, self.cfg.train.eval_batches)
-        results = evaluate(self.engine, loader, self.eval_augment, self.info.device, batches, self.cfg.data.image_size)
+        planned = self.val_stream.batches_per_rank()
+        batches = min(planned, self.cfg.train.eval_batches or planned)
+        results = evaluate(
+            self.engine, loader, self.eval_augment, self.info.device, batches, self.cfg.data.image_size,
+            whole=batches == planned,
+        )  # fmt: skip
         self.metrics.scalars(self.step, results)
         logger.info(
             "eval at step %d: loss %.4f top-1 %.2f%% top-5 %.2f%% (%d images)",

@@ -3,10 +3,12 @@
 and the TensorBoard scalars they wrote."""
 
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
 
+from safetensors.torch import load_file
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from tests.pipeline.ds_helpers import free_port
@@ -83,3 +85,17 @@ def scalars(run_dir):
     acc = EventAccumulator(str(Path(run_dir) / "tensorboard"), size_guidance={"scalars": 0})
     acc.Reload()
     return {tag: [(e.step, e.value) for e in acc.Scalars(tag)] for tag in acc.Tags()["scalars"]}
+
+
+def run_then_resume(run, shards, args, resume_step):
+    """Run to the end with an export; delete every checkpoint after ``resume_step`` and the export; run again,
+    which must resume at ``resume_step``. Returns both exports (uninterrupted, resumed)."""
+    assert wait(launch(run, shards, *args)) == [0, 0], logs(run)
+    uninterrupted = load_file(run / "export" / "model.safetensors")
+    for later in (run / "checkpoints").glob("step_*"):
+        if int(later.name.split("_")[1]) > resume_step:
+            shutil.rmtree(later)
+    shutil.rmtree(run / "export")
+    assert wait(launch(run, shards, *args)) == [0, 0], logs(run)
+    assert f"resumed from {run / 'checkpoints' / f'step_{resume_step:08d}'} at step {resume_step}" in logs(run)[0]
+    return uninterrupted, load_file(run / "export" / "model.safetensors")

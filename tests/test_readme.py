@@ -178,7 +178,12 @@ def launched(shards, tmp_path_factory):
         command = command.replace("--nproc_per_node 8", "--nproc_per_node 2").replace("--num_gpus 8", "--num_gpus 2")
         command = command.replace("accelerate launch ", "accelerate launch --num_processes 2 ")
         runs[launcher] = base / launcher
+        shm = set(Path("/dev/shm").glob(f"deepspeed_allreduce_buffer_{os.getuid()}_*"))
         ok(f"{command} run.output_dir={runs[launcher]} {' '.join(TINY)}", env={"MASTER_PORT": ""})
+        # DeepSpeed's CPU all-reduce segments (66 MB per rank; the deepspeed launcher sets LOCAL_SIZE, which
+        # turns them on) are not left in memory after the job
+        left = set(Path("/dev/shm").glob(f"deepspeed_allreduce_buffer_{os.getuid()}_*")) - shm
+        assert not left, f"{launcher} left {sorted(left)}"
     return runs
 
 

@@ -5,15 +5,13 @@ torchrun would, so exit codes and signals reach the tests directly.
 """
 
 import re
-import shutil
 import signal
 
 import pytest
 import torch
-from safetensors.torch import load_file
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-from tests.e2e import launch, logs, scalars, until, wait
+from tests.e2e import launch, logs, run_then_resume, scalars, until, wait
 
 TAGS = [
     "train/loss",
@@ -80,14 +78,7 @@ def test_resume_is_bitwise_exact(mode, precision, shards, tmp_path):
     run = tmp_path / "run"
     args = ["train.steps=16", "train.checkpoint_every=6", "run.export=true", f"data.mode={mode}"]
     args.append(f"train.precision={precision}")
-    assert wait(launch(run, shards, *args)) == [0, 0], logs(run)
-    uninterrupted = load_file(run / "export" / "model.safetensors")
-    for later in ("step_00000012", "step_00000016"):
-        shutil.rmtree(run / "checkpoints" / later)
-    shutil.rmtree(run / "export")
-    assert wait(launch(run, shards, *args)) == [0, 0], logs(run)
-    assert f"resumed from {run / 'checkpoints' / 'step_00000006'} at step 6" in logs(run)[0]
-    resumed = load_file(run / "export" / "model.safetensors")
+    uninterrupted, resumed = run_then_resume(run, shards, args, resume_step=6)
     assert resumed.keys() == uninterrupted.keys()
     for k in resumed:
         assert torch.equal(resumed[k], uninterrupted[k]), k

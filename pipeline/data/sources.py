@@ -166,7 +166,7 @@ def list_classes(src: Path, layout: str = "auto", count: Counts | None = None) -
         pattern = _shard_pattern(tars)
         if pattern or "_info.json" in other:
             raise _webdataset_refusal(src, tars, pattern, "numbered like shards" if pattern else "_info.json")
-        for tar in {names[0], names[-1]}:
+        for tar in dict.fromkeys((names[0], names[-1])):  # first, then last: the error names the first bad one
             _check_tar_contents(src, tar, count)
     else:
         _check_folder_contents(src, names[0])

@@ -25,13 +25,14 @@ def resize(image):
     return np.asarray(image.resize((RES, RES))).transpose(2, 0, 1).copy()
 
 
-def _evaluate(info, shards: str, workers: int, out: str) -> None:
+def _evaluate(info, shards: str, workers: int, out: str, cap: int | None = None) -> None:
     engine = make_engine(3, seed=0)
     ds = ShardStream(list_shards(shards, split="train"), mode="epoch", batch_size=2, transform=resize, finite=True,
                      rank=info.rank, world_size=info.world_size, workers=workers, shuffle_buffer=0,
                      sample_format=SampleFormat(num_classes=NUM_LABELS))  # fmt: skip
     augment = DeviceAugment(NUM_LABELS, "cpu", training=False)
-    results = evaluate(engine, build_loader(ds), augment, torch.device("cpu"), ds.batches_per_rank(), RES)
+    batches = min(ds.batches_per_rank(), cap or ds.batches_per_rank())  # cap: train.eval_batches
+    results = evaluate(engine, build_loader(ds), augment, torch.device("cpu"), batches, RES, whole=cap is None)
     if info.rank == 0:
         torch.save(results, out)
 
@@ -75,3 +76,10 @@ def test_more_ranks_than_samples_still_evaluate(tmp_path):
     index_shards([str(shards / "val-000000.tar")], shards)
     run_ranks(_evaluate, str(shards), 0, str(tmp_path / "r.pt"), world_size=3)
     assert torch.load(tmp_path / "r.pt")["eval/samples"] == 2
+
+
+def test_capped_evaluation_reads_its_batches_and_stops(one_shard, tmp_path):
+    """train.eval_batches cuts every rank's share short: 2 ranks x 1 batch of 2 images, and no complaint about
+    the batches left unread."""
+    run_ranks(_evaluate, str(one_shard), 1, str(tmp_path / "r.pt"), 1, world_size=2)
+    assert torch.load(tmp_path / "r.pt")["eval/samples"] == 4

@@ -15,8 +15,11 @@ def _prepare(info, root: str, per_rank: bool, out: str) -> None:
     # per_rank: each rank gets its own directory, as a node-local /tmp would give each node.
     path = Path(root) / (f"node{info.rank}" if per_rank else "shared")
     try:
-        prepare_run_dir(str(path), info)
+        _, claim = prepare_run_dir(str(path), info)
         result = "ok"
+        if claim is not None:  # rank 0 holds the claim until the run ends
+            result = "ok" if claim.path.is_file() else "no claim"
+            claim.release()
     except ConfigError as e:
         result = str(e)
     Path(out, f"rank{info.rank}.txt").write_text(result)
@@ -28,7 +31,7 @@ def test_run_dir_must_be_shared(tmp_path, per_rank):
     results = [(tmp_path / f"rank{r}.txt").read_text() for r in range(2)]
     if not per_rank:
         assert results == ["ok", "ok"]
-        assert list((tmp_path / "runs" / "shared").iterdir()) == []  # probes and the marker are removed
+        assert list((tmp_path / "runs" / "shared").iterdir()) == []  # probes, marker and claim are gone
     else:
         # Both ranks fail alike, with the reason rank 1 found.
         assert results[0] == results[1]
