@@ -1,5 +1,4 @@
 import logging
-import os
 
 import pytest
 import torch
@@ -23,20 +22,6 @@ def _restore_logging():
     yield
     root.handlers[:] = handlers
     root.setLevel(level)
-
-
-@pytest.fixture(autouse=True)
-def _restore_launch_env():
-    """A test that joins a process group in-process (``init_distributed``) sets MASTER_PORT etc. to its own
-    rendezvous; a later test's subprocess must not inherit them and try to bind that port again."""
-    names = ("MASTER_ADDR", "MASTER_PORT", "RANK", "WORLD_SIZE", "LOCAL_RANK")
-    saved = {n: os.environ.get(n) for n in names}
-    yield
-    for name, value in saved.items():
-        if value is None:
-            os.environ.pop(name, None)
-        else:
-            os.environ[name] = value
 
 
 @pytest.fixture(scope="module")

@@ -90,7 +90,11 @@ def block(key: str) -> Block:
 
 def run(command: str, cwd: Path = REPO, env: dict | None = None) -> subprocess.CompletedProcess:
     """One README command through bash, waiting while it makes progress (tests.progress)."""
-    full_env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1", **(env or {}))
+    # A fresh job: not the rendezvous of a process group an earlier test joined inside pytest's own process
+    # (its MASTER_PORT is bound here; a child that inherited it would try to bind it again).
+    full_env = {k: v for k, v in os.environ.items() if k not in ("MASTER_ADDR", "MASTER_PORT", "RANK", "WORLD_SIZE",
+                                                                  "LOCAL_RANK")}  # fmt: skip
+    full_env.update(OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1", **(env or {}))
     log = open(Path(os.environ.get("TMPDIR", "/tmp")) / f"readme-{os.getpid()}.log", "w+")
     proc = subprocess.Popen(["bash", "-c", command], cwd=cwd, env=full_env, stdout=log, stderr=subprocess.STDOUT)
     wait_while_busy(lambda: [proc.pid], lambda: proc.poll() is not None, command[:80])
